@@ -1,0 +1,388 @@
+"""Noise schedules on a continuous time axis ``t in [0, 1]`` (``t = 0`` clean).
+
+A schedule defines the forward process ``x_t = alpha(t) * x_0 + sigma(t) * eps`` and answers
+
+* ``alpha(t)``, ``sigma(t)``, ``log_snr(t) = log(alpha^2 / sigma^2)`` and the inverse
+  ``t_of_log_snr(lam)``;
+* ``sigma_bar(t) = sigma / alpha`` (the EDM noise level of ``x / alpha``);
+* ``c_noise(t)``: the scalar a backbone is conditioned on (a discrete training index, ``1000 t``
+  or EDM's ``log(sigma) / 4``), so networks never see the schedule.
+
+Every schedule is a frozen dataclass registered as a pytree, so it can be passed to a jitted
+function; all methods work on scalars and arrays, under ``jit``, ``vmap`` and ``grad``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+__all__ = [
+    "Schedule",
+    "DiscreteVP",
+    "LinearVP",
+    "CosineVP",
+    "EDM",
+    "make_betas",
+    "get_schedule",
+]
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float | np.number) or (
+        isinstance(x, np.ndarray | jax.Array) and _is_concrete(x) and np.ndim(x) == 0
+    )
+
+
+def check_time(t, name: str = "t") -> None:
+    """Raises ValueError if a concrete ``t`` lies outside ``[0, 1]`` (traced values pass)."""
+    if _is_concrete(t):
+        a = np.asarray(t)
+        if a.size and (np.any(a < 0) or np.any(a > 1) or np.any(np.isnan(a))):
+            raise ValueError(
+                f"{name} must lie in [0, 1] (t = 0 is clean data); got values in "
+                f"[{np.nanmin(a):.6g}, {np.nanmax(a):.6g}]" + (" with NaN" if np.any(np.isnan(a)) else "")
+            )
+
+
+def _log_alpha_from_log_snr(lam: Array) -> Array:
+    # alpha^2 = sigmoid(lam)  =>  log alpha = log_sigmoid(lam) / 2
+    return 0.5 * jax.nn.log_sigmoid(lam)
+
+
+class Schedule:
+    """Common interface. Subclasses implement ``log_alpha``, ``log_sigma`` and ``t_of_log_snr``."""
+
+    def log_alpha(self, t: Array) -> Array:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def log_sigma(self, t: Array) -> Array:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def t_of_log_snr(self, lam: Array) -> Array:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def c_noise(self, t: Array) -> Array:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # Derived quantities, shared by every schedule.
+    def alpha(self, t: Array) -> Array:
+        """Signal scale ``alpha(t)``; same shape as ``t``."""
+        return jnp.exp(self.log_alpha(t))
+
+    def sigma(self, t: Array) -> Array:
+        """Noise scale ``sigma(t)``; same shape as ``t``."""
+        return jnp.exp(self.log_sigma(t))
+
+    def log_snr(self, t: Array) -> Array:
+        """``log(alpha^2 / sigma^2)``, strictly decreasing in ``t``; ``+inf`` at ``t = 0``."""
+        return 2.0 * (self.log_alpha(t) - self.log_sigma(t))
+
+    def sigma_bar(self, t: Array) -> Array:
+        """EDM noise level ``sigma / alpha`` of ``x / alpha``."""
+        return jnp.exp(self.log_sigma(t) - self.log_alpha(t))
+
+    def t_of_sigma_bar(self, sigma_bar: Array) -> Array:
+        """Inverse of :meth:`sigma_bar`."""
+        return self.t_of_log_snr(-2.0 * jnp.log(sigma_bar))
+
+    @property
+    def is_variance_preserving(self) -> bool:
+        return True
+
+    def log_snr_range(self) -> tuple[float, float]:
+        """``(log_snr(1), log_snr(t_min))`` where ``t_min`` is the smallest noisy grid time."""
+        return float(self.log_snr(jnp.asarray(1.0))), float(self.log_snr(jnp.asarray(self.t_min)))
+
+    @property
+    def t_min(self) -> float:
+        """Smallest time a sampler should stop at before a final denoising jump to ``t = 0``."""
+        return 1e-3
+
+
+def _vp_log_sigma(log_alpha: Array) -> Array:
+    # sigma^2 = 1 - alpha^2, computed without cancellation near t = 0.
+    return 0.5 * jnp.log(-jnp.expm1(2.0 * log_alpha))
+
+
+# --------------------------------------------------------------------------------------------
+# Discrete DDPM schedules
+# --------------------------------------------------------------------------------------------
+
+
+def make_betas(
+    name: Literal["linear", "scaled_linear", "cosine"] = "linear",
+    num_steps: int = 1000,
+    *,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+    cosine_s: float = 0.008,
+    max_beta: float = 0.999,
+) -> np.ndarray:
+    """The beta tables of DDPM (``linear``), Stable Diffusion (``scaled_linear``) and
+    Nichol & Dhariwal (``cosine``), in float64.
+
+    Args:
+      name: ``"linear"`` (1e-4 .. 0.02), ``"scaled_linear"`` (sqrt-space linear, 0.00085 .. 0.012)
+        or ``"cosine"`` (``alpha_bar(u) = cos^2((u + s) / (1 + s) * pi / 2)``, betas capped at
+        ``max_beta``).
+      num_steps: number of training steps N.
+      beta_start, beta_end: override the end points of the linear tables.
+
+    Returns:
+      ``betas``, shape ``(num_steps,)``, float64.
+    """
+    if not isinstance(num_steps, int | np.integer) or num_steps < 2:
+        raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    if name == "linear":
+        b0 = 1e-4 if beta_start is None else beta_start
+        b1 = 0.02 if beta_end is None else beta_end
+        # Scaled so that other N keep the same total noise (Ho et al. use N = 1000).
+        scale = 1000.0 / num_steps
+        return np.linspace(scale * b0, scale * b1, num_steps, dtype=np.float64)
+    if name == "scaled_linear":
+        b0 = 0.00085 if beta_start is None else beta_start
+        b1 = 0.012 if beta_end is None else beta_end
+        return np.linspace(math.sqrt(b0), math.sqrt(b1), num_steps, dtype=np.float64) ** 2
+    if name == "cosine":
+        u = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+        f = np.cos((u + cosine_s) / (1 + cosine_s) * np.pi / 2) ** 2
+        return np.minimum(1.0 - f[1:] / f[:-1], max_beta)
+    raise ValueError(
+        f"schedule name must be one of 'linear', 'scaled_linear', 'cosine'; got {name!r}"
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DiscreteVP(Schedule):
+    """Discrete DDPM variance-preserving schedule from a beta table.
+
+    Grid point ``i`` (training index, ``0 <= i < N``) sits at ``t = (i + 1) / N``; ``log alpha`` is
+    piecewise linear through ``(0, 0)`` and the grid points ``(t_i, log sqrt(alpha_bar_i))``, so
+    ``alpha(0) = 1`` and ``sigma(0) = 0`` while the grid reproduces ``cumprod(1 - beta)`` exactly.
+
+    Attributes:
+      betas: ``(N,)`` beta table (float64 numpy at construction).
+      log_alpha_grid: ``(N + 1,)`` values of ``log alpha`` at ``t = 0, 1/N, ..., 1``.
+    """
+
+    betas: Array
+    log_alpha_grid: Array
+
+    @classmethod
+    def from_betas(cls, betas) -> DiscreteVP:
+        """Builds the schedule from a beta table, validating it."""
+        b = np.asarray(betas, dtype=np.float64)
+        if b.ndim != 1 or b.shape[0] < 2:
+            raise ValueError(f"betas must be a 1-D array with >= 2 entries, got shape {b.shape}")
+        if np.any(~np.isfinite(b)) or np.any(b <= 0) or np.any(b >= 1):
+            raise ValueError(
+                f"betas must lie in the open interval (0, 1); got min {b.min():.3g}, max {b.max():.3g}"
+            )
+        log_alpha_bar = np.cumsum(np.log1p(-b))
+        grid = np.concatenate([[0.0], 0.5 * log_alpha_bar])
+        return cls(betas=b, log_alpha_grid=grid)
+
+    @classmethod
+    def from_name(cls, name: str = "linear", num_steps: int = 1000, **kwargs) -> DiscreteVP:
+        """``DiscreteVP.from_name("linear" | "scaled_linear" | "cosine", N)``."""
+        return cls.from_betas(make_betas(name, num_steps, **kwargs))
+
+    @property
+    def num_steps(self) -> int:
+        """Number of training steps N (static: the table's length)."""
+        return self.betas.shape[0]
+
+    @property
+    def alphas_cumprod(self) -> Array:
+        """``alpha_bar_i = prod_{k <= i} (1 - beta_k)``, shape ``(N,)``."""
+        return jnp.exp(2.0 * jnp.asarray(self.log_alpha_grid)[1:])
+
+    @property
+    def t_min(self) -> float:
+        return 1.0 / self.num_steps
+
+    def _t_grid(self) -> Array:
+        return jnp.linspace(0.0, 1.0, self.num_steps + 1)
+
+    def log_alpha(self, t: Array) -> Array:
+        t = jnp.asarray(t)
+        grid = jnp.asarray(self.log_alpha_grid, dtype=jnp.result_type(t, float))
+        return jnp.interp(t, self._t_grid().astype(grid.dtype), grid)
+
+    def log_sigma(self, t: Array) -> Array:
+        return _vp_log_sigma(self.log_alpha(t))
+
+    def t_of_log_snr(self, lam: Array) -> Array:
+        la = _log_alpha_from_log_snr(jnp.asarray(lam))
+        grid = jnp.asarray(self.log_alpha_grid, dtype=la.dtype)
+        # log alpha decreases with t: interpolate on the reversed (increasing) table.
+        return jnp.interp(la, grid[::-1], self._t_grid().astype(la.dtype)[::-1])
+
+    def index_of_t(self, t: Array) -> Array:
+        """Continuous training index ``t * N - 1`` (grid point ``i`` <-> ``t = (i + 1) / N``)."""
+        return jnp.asarray(t) * self.num_steps - 1.0
+
+    def t_of_index(self, i: Array) -> Array:
+        """Time of training index ``i``: ``(i + 1) / N``."""
+        return (jnp.asarray(i) + 1.0) / self.num_steps
+
+    def c_noise(self, t: Array) -> Array:
+        """The network's time input: the (continuous) training index ``t N - 1``."""
+        return self.index_of_t(t)
+
+
+# --------------------------------------------------------------------------------------------
+# Continuous VP schedules
+# --------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LinearVP(Schedule):
+    """Continuous VP-SDE with linear beta(t) (Song et al. 2021):
+    ``log alpha(t) = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2``."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def __post_init__(self):
+        if _is_number(self.beta_min) and _is_number(self.beta_max):
+            if not (0 <= float(self.beta_min) < float(self.beta_max)):
+                raise ValueError(
+                    "LinearVP needs 0 <= beta_min < beta_max; got "
+                    f"beta_min={self.beta_min}, beta_max={self.beta_max}"
+                )
+
+    def log_alpha(self, t: Array) -> Array:
+        t = jnp.asarray(t)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def log_sigma(self, t: Array) -> Array:
+        return _vp_log_sigma(self.log_alpha(t))
+
+    def t_of_log_snr(self, lam: Array) -> Array:
+        # Solve a t^2 + b t + la = 0 for t >= 0 in the cancellation-free form.
+        la = _log_alpha_from_log_snr(jnp.asarray(lam))
+        a = 0.25 * (self.beta_max - self.beta_min)
+        b = 0.5 * self.beta_min
+        return -2.0 * la / (b + jnp.sqrt(b * b - 4.0 * a * la))
+
+    def c_noise(self, t: Array) -> Array:
+        """Score-SDE convention: ``1000 t``."""
+        return 1000.0 * jnp.asarray(t)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CosineVP(Schedule):
+    """Continuous cosine schedule of Nichol & Dhariwal:
+    ``alpha(t)^2 = f(T t) / f(0)``, ``f(u) = cos^2((u + s) / (1 + s) * pi / 2)``.
+
+    ``t`` is rescaled by ``t_max`` (default 0.9946, as in the DPM-Solver code) so that ``log_snr(1)``
+    stays finite (about -9.9) and the map ``t -> log_snr`` is strictly monotone on ``[0, 1]``.
+    """
+
+    s: float = 0.008
+    t_max: float = 0.9946
+
+    def _phi(self, u):
+        return (u + self.s) / (1.0 + self.s) * (jnp.pi / 2)
+
+    def log_alpha(self, t: Array) -> Array:
+        u = jnp.asarray(t) * self.t_max
+        return jnp.log(jnp.cos(self._phi(u))) - jnp.log(jnp.cos(self._phi(0.0)))
+
+    def log_sigma(self, t: Array) -> Array:
+        return _vp_log_sigma(self.log_alpha(t))
+
+    def t_of_log_snr(self, lam: Array) -> Array:
+        la = _log_alpha_from_log_snr(jnp.asarray(lam))
+        phi = jnp.arccos(jnp.exp(la) * jnp.cos(self._phi(0.0)))
+        u = phi * 2.0 / jnp.pi * (1.0 + self.s) - self.s
+        return jnp.clip(u / self.t_max, 0.0, 1.0)
+
+    def c_noise(self, t: Array) -> Array:
+        return 1000.0 * jnp.asarray(t)
+
+
+# --------------------------------------------------------------------------------------------
+# EDM / variance exploding
+# --------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EDM(Schedule):
+    """EDM (Karras et al. 2022) / VE schedule: ``alpha = 1``, ``sigma(t) = t * sigma_max``.
+
+    ``sigma_min`` is not a bound of the map (``t = 0`` gives ``sigma = 0``, clean data) but the
+    smallest noise level a sampling grid should visit before the final jump to zero
+    (``t_min = sigma_min / sigma_max``).
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+    def __post_init__(self):
+        if _is_number(self.sigma_min) and _is_number(self.sigma_max):
+            if not (0 < float(self.sigma_min) < float(self.sigma_max)):
+                raise ValueError(
+                    "EDM needs 0 < sigma_min < sigma_max; got "
+                    f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}"
+                )
+
+    @property
+    def is_variance_preserving(self) -> bool:
+        return False
+
+    @property
+    def t_min(self) -> float:
+        return float(self.sigma_min) / float(self.sigma_max)
+
+    def log_alpha(self, t: Array) -> Array:
+        return jnp.zeros_like(jnp.asarray(t, dtype=jnp.result_type(t, float)))
+
+    def log_sigma(self, t: Array) -> Array:
+        return jnp.log(jnp.asarray(t) * self.sigma_max)
+
+    def t_of_log_snr(self, lam: Array) -> Array:
+        return jnp.clip(jnp.exp(-0.5 * jnp.asarray(lam)) / self.sigma_max, 0.0, 1.0)
+
+    def c_noise(self, t: Array) -> Array:
+        """EDM's ``c_noise = log(sigma) / 4`` (finite floor at ``t = 0``)."""
+        sigma = jnp.maximum(jnp.asarray(t) * self.sigma_max, 1e-20)
+        return 0.25 * jnp.log(sigma)
+
+
+def get_schedule(name: str, **kwargs) -> Schedule:
+    """Builds a schedule by name: ``"linear" | "scaled_linear" | "cosine"`` (discrete DDPM, N =
+    ``num_steps``), ``"vp_linear"`` (continuous), ``"vp_cosine"`` (continuous) or ``"edm"``.
+
+    Experiments use this to turn a config string into a schedule; library code passes
+    schedule objects.
+    """
+    if name in ("linear", "scaled_linear", "cosine"):
+        return DiscreteVP.from_name(name, **kwargs)
+    if name == "vp_linear":
+        return LinearVP(**kwargs)
+    if name == "vp_cosine":
+        return CosineVP(**kwargs)
+    if name == "edm":
+        return EDM(**kwargs)
+    raise ValueError(
+        "schedule name must be one of 'linear', 'scaled_linear', 'cosine', 'vp_linear', "
+        f"'vp_cosine', 'edm'; got {name!r}"
+    )
