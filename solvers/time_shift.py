@@ -1,0 +1,117 @@
+"""Time-Shift Sampler (Li et al., ICLR 2024, "Alleviating Exposure Bias in Diffusion Models
+through Sampling with Shifted Time Steps").
+
+Exposure bias: during sampling the state ``x_t`` drifts from the forward-process marginal at
+``t``. TS-DPM repairs this at sampling time, with no retraining and no extra network
+evaluation: in a window of training indices around the next time step it picks, per sample,
+the index ``tau`` whose forward-process noise variance ``Gamma(tau) = 1 - alpha_bar_tau``
+(``sigma(tau)^2``) is closest to the empirical variance of a tensor of the state, and uses
+``tau`` in place of the next time, above a cutoff time ``t_c`` only.
+
+The rule (:func:`select_shifted_time`) is written once; each base sampler applies it at the
+integration point of the official code (``ddpm``, ``ddim``, ``pndm``: variance of the current
+state, the shifted time is the *target* of the current step only; ``dpm_solver`` multistep:
+variance of the last model output, the shifted time replaces the whole next time point). See
+each sampler's docstring. :func:`time_shift` turns a base sampler into its TS version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dpm.schedules import DiscreteVP, Schedule
+
+Array = jax.Array
+
+__all__ = ["TimeShift", "time_shift", "select_shifted_time", "sample_variance"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TimeShift:
+    """Options of the Time-Shift Sampler.
+
+    Attributes:
+      window: window size ``w`` in training-index units; candidates are ``c - w // 2 .. c + w // 2``
+        around the centre index ``c`` (static: it sets the window's shape). 0 disables shifting.
+      cutoff: cutoff time ``t_c`` in ``[0, 1]``; a step shifts only while its centre index is
+        strictly above the cutoff's index (the official ``t > t_c``).
+    """
+
+    window: int = dataclasses.field(default=0, metadata=dict(static=True))
+    cutoff: float = 0.3
+
+    def __post_init__(self):
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be a non-negative int; got {self.window!r}")
+
+
+def _index_grid(schedule: Schedule) -> int:
+    # Discrete schedules shift on their own training grid; continuous ones on a 1000-point grid.
+    return schedule.num_steps if isinstance(schedule, DiscreteVP) else 1000
+
+
+def sample_variance(x: Array) -> Array:
+    """Per-example unbiased (ddof = 1) variance over all non-batch entries; shape ``(B,)``."""
+    flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
+    return jnp.var(flat, axis=1, ddof=1)
+
+
+def select_shifted_time(
+    schedule: Schedule, variance: Array, t_centre: Array, options: TimeShift
+) -> Array:
+    """The shifted time per example.
+
+    Args:
+      schedule: the schedule; ``Gamma(tau) = sigma(t_tau)^2`` on its training-index grid
+        ``t_tau = (tau + 1) / N`` (``N = 1000`` for continuous schedules).
+      variance: ``(B,)`` empirical variances of the tensor the integration point uses.
+      t_centre: scalar or ``(B,)``: the time whose index is the window's centre.
+      options: window and cutoff.
+
+    Returns:
+      ``(B,)`` times: ``t_tau`` for the argmin over the window (first on ties; the window is
+      truncated at the grid's ends), or ``t_centre`` unchanged where the centre index is not
+      above the cutoff index, or when ``window == 0``.
+    """
+    B = variance.shape[0]
+    t_c = jnp.broadcast_to(jnp.asarray(t_centre, dtype=variance.dtype), (B,))
+    if options.window == 0:
+        return t_c
+    N = _index_grid(schedule)
+    k = options.window // 2
+    centre = jnp.round(t_c * N - 1.0).astype(jnp.int32)
+    offsets = jnp.arange(-k, k + 1, dtype=jnp.int32)
+    cand = centre[:, None] + offsets[None, :]  # (B, 2k + 1)
+    valid = (cand >= 0) & (cand <= N - 1)
+    t_cand = (jnp.clip(cand, 0, N - 1) + 1.0) / N
+    gamma = jnp.square(schedule.sigma(t_cand.astype(variance.dtype)))
+    dist = jnp.where(valid, jnp.square(variance[:, None] - gamma), jnp.inf)
+    tau = jnp.take_along_axis(cand, jnp.argmin(dist, axis=1)[:, None], axis=1)[:, 0]
+    cutoff_index = jnp.asarray(options.cutoff) * N - 1.0
+    shift = centre.astype(variance.dtype) > cutoff_index
+    return jnp.where(shift, (tau + 1.0) / N, t_c).astype(variance.dtype)
+
+
+def time_shift(sampler: Callable, *, window: int, cutoff: float) -> Callable:
+    """The Time-Shift version of a base sampler (``ddpm``, ``ddim``, ``pndm``, ``dpm_solver``).
+
+    Example:
+      >>> ts_ddim = time_shift(solvers.ddim, window=10, cutoff=0.3)
+      >>> x0 = jax.jit(ts_ddim)(denoiser, x_T, grids.uniform_time(10))
+    """
+    opts = TimeShift(window=window, cutoff=cutoff)
+
+    @functools.wraps(sampler)
+    def shifted(denoiser, x_T, ts, **kwargs):
+        if "time_shift" in kwargs:
+            raise ValueError("time_shift is already set by the wrapper; do not pass it again")
+        return sampler(denoiser, x_T, ts, time_shift=opts, **kwargs)
+
+    return shifted
+
