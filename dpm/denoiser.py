@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from dpm.schedules import Schedule
+from dpm.schedules import Schedule, check_time
 
 Array = jax.Array
 
@@ -113,6 +113,7 @@ class Denoiser:
         At ``t = 0`` (``sigma = 0``) an x0- or v-model's ``eps_hat`` is undefined and returned
         as computed; samplers use ``x0_hat`` there.
         """
+        check_time(t)
         out = self.output(x, t)
         if out.shape != x.shape:
             raise ValueError(

@@ -106,7 +106,8 @@ def sample_time(
     if sampler == "discrete":
         if not isinstance(schedule, DiscreteVP):
             raise ValueError(
-                f"time sampler 'discrete' needs a DiscreteVP schedule; got {type(schedule).__name__}"
+                "time sampler 'discrete' needs a DiscreteVP schedule; "
+                f"got {type(schedule).__name__}"
             )
         i = jax.random.randint(key, (n,), 0, schedule.num_steps)
         return schedule.t_of_index(i.astype(jnp.float32))
@@ -137,7 +138,8 @@ def denoising_loss(
       make_denoiser: ``params -> Denoiser`` (e.g. ``lambda p: network_denoiser(Partial(apply,
         p), schedule, "eps")``); the batch's ``"cond"`` entry, if any, is bound to it.
       weighting: one of :data:`WEIGHTINGS`.
-      time_sampler: one of :data:`TIME_SAMPLERS`.
+      time_sampler: one of :data:`TIME_SAMPLERS`, or a callable ``(key, n) -> t`` of shape
+        ``(n,)`` (or a scalar).
       min_snr_gamma: gamma of ``"min_snr"``.
       sigma_data: sigma_data of ``"edm"``.
       t_min: smallest sampled time for continuous samplers.
@@ -147,8 +149,11 @@ def denoising_loss(
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
-    if time_sampler not in TIME_SAMPLERS:
-        raise ValueError(f"time_sampler must be one of {TIME_SAMPLERS}; got {time_sampler!r}")
+    if not callable(time_sampler) and time_sampler not in TIME_SAMPLERS:
+        raise ValueError(
+            f"time_sampler must be one of {TIME_SAMPLERS} or a callable (key, n) -> t; "
+            f"got {time_sampler!r}"
+        )
 
     def loss(params, batch, key):
         x0 = batch["x"]
@@ -157,7 +162,10 @@ def denoising_loss(
             den = den.with_cond(batch["cond"])
         sched = den.schedule
         kt, ke = jax.random.split(key)
-        t = sample_time(kt, x0.shape[0], sched, time_sampler, t_min=t_min)
+        if callable(time_sampler):
+            t = jnp.broadcast_to(time_sampler(kt, x0.shape[0]), (x0.shape[0],))
+        else:
+            t = sample_time(kt, x0.shape[0], sched, time_sampler, t_min=t_min)
         eps = jax.random.normal(ke, x0.shape, x0.dtype)
         x_t = diffuse(sched, x0, t, eps)
         out = den.output(x_t, t)

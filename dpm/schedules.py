@@ -52,7 +52,8 @@ def check_time(t, name: str = "t") -> None:
         if a.size and (np.any(a < 0) or np.any(a > 1) or np.any(np.isnan(a))):
             raise ValueError(
                 f"{name} must lie in [0, 1] (t = 0 is clean data); got values in "
-                f"[{np.nanmin(a):.6g}, {np.nanmax(a):.6g}]" + (" with NaN" if np.any(np.isnan(a)) else "")
+                f"[{np.nanmin(a):.6g}, {np.nanmax(a):.6g}]"
+                + (" with NaN" if np.any(np.isnan(a)) else "")
             )
 
 
@@ -189,7 +190,8 @@ class DiscreteVP(Schedule):
             raise ValueError(f"betas must be a 1-D array with >= 2 entries, got shape {b.shape}")
         if np.any(~np.isfinite(b)) or np.any(b <= 0) or np.any(b >= 1):
             raise ValueError(
-                f"betas must lie in the open interval (0, 1); got min {b.min():.3g}, max {b.max():.3g}"
+                "betas must lie in the open interval (0, 1); "
+                f"got min {b.min():.3g}, max {b.max():.3g}"
             )
         log_alpha_bar = np.cumsum(np.log1p(-b))
         grid = np.concatenate([[0.0], 0.5 * log_alpha_bar])
@@ -291,8 +293,9 @@ class CosineVP(Schedule):
     """Continuous cosine schedule of Nichol & Dhariwal:
     ``alpha(t)^2 = f(T t) / f(0)``, ``f(u) = cos^2((u + s) / (1 + s) * pi / 2)``.
 
-    ``t`` is rescaled by ``t_max`` (default 0.9946, as in the DPM-Solver code) so that ``log_snr(1)``
-    stays finite (about -9.9) and the map ``t -> log_snr`` is strictly monotone on ``[0, 1]``.
+    ``t`` is rescaled by ``t_max`` (default 0.9946, as in the DPM-Solver code) so that
+    ``log_snr(1)`` stays finite (about -9.9) and ``t -> log_snr`` is strictly monotone on
+    ``[0, 1]``.
     """
 
     s: float = 0.008
