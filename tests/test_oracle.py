@@ -70,8 +70,7 @@ def test_single_gaussian_flow_matches_numerical_ode(x64):
     den = gm.denoiser(sched)
     x1 = jax.random.normal(jax.random.key(4), (8, 2))
     t0, t1 = 0.9, 0.05
-    # dx/dlam for the half log-SNR lam: dx = (sigma' ... ) -- use the DDIM form in (x/alpha, sigma/alpha)
-    # d(x_bar)/d(sigma_bar) = eps_hat(x, t)
+    # the PF-ODE in x_bar = x / alpha, sigma_bar = sigma / alpha: d x_bar / d sigma_bar = eps_hat
     sb0, sb1 = sched.sigma_bar(t0), sched.sigma_bar(t1)
     n = 4000
     sbs = jnp.linspace(sb0, sb1, n + 1)
