@@ -1,0 +1,118 @@
+"""Feature metrics with classifiers trained in the project (Inception weights cannot be
+downloaded here): the Fréchet distance in a classifier's penultimate features ("feature-FD")
+and the accuracy of class-conditional samples as judged by the classifier.
+
+Two classifiers are trained on the data with different seeds and data splits: ``primary``
+(for development and tuning) and ``judge`` (for reports), so no sampler setting is tuned to the
+network that grades it. Both are cached as checkpoints and reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import nets
+from dpm.checkpoint import Checkpointer
+from dpm.data import BatchIterator
+from dpm.metrics import frechet_distance_from_features
+from dpm.train import init_train_state, make_optimizer, make_train_step
+
+
+@dataclasses.dataclass
+class Judge:
+    """A trained classifier used as a feature extractor and label predictor."""
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    held_out_accuracy: float
+
+    def _apply(self, fn: str, x: np.ndarray, batch: int = 512) -> np.ndarray:
+        f = _jitted(self.graphdef, fn)
+        outs = [np.asarray(f(self.params, jnp.asarray(x[i : i + batch])))
+                for i in range(0, len(x), batch)]
+        return np.concatenate(outs, 0)
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """``(N, H, W, C)`` images in ``[-1, 1]`` -> ``(N, F)`` penultimate features."""
+        return self._apply("features", x)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predicted labels, ``(N,)``."""
+        return self._apply("logits", x).argmax(-1)
+
+
+_JIT_CACHE: dict = {}
+
+
+def _jitted(graphdef, fn):
+    key = (id(graphdef), fn)
+    if key not in _JIT_CACHE:
+        if fn == "features":
+            _JIT_CACHE[key] = jax.jit(lambda p, x: nnx.merge(graphdef, p).features(x))
+        else:
+            _JIT_CACHE[key] = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    return _JIT_CACHE[key]
+
+
+def train_classifier(
+    x: np.ndarray, y: np.ndarray, *, seed: int, workdir: str | None = None, steps: int = 800,
+    batch_size: int = 128, width: int = 32, held_out: float = 0.15,
+) -> Judge:
+    """Trains a :class:`nets.Classifier` on ``(x, y)`` (a random ``held_out`` fraction kept
+    aside to report its accuracy), or restores it from ``workdir`` when trained before."""
+    n, H, W, C = x.shape
+    num_classes = int(y.max()) + 1
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(held_out * n))
+    test, train = perm[:n_test], perm[n_test:]
+    model = nets.Classifier(num_classes, C, H, width, dropout=0.1, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss_fn(p, batch, key):
+        # light augmentation: random 1-pixel shifts keep the features from memorising pixels
+        k1, k2 = jax.random.split(key)
+        shift = jax.random.randint(k1, (2,), -1, 2)
+        xb = jnp.roll(batch["x"], shift, axis=(1, 2))
+        logits = nnx.merge(graphdef, p)(xb, train=True, key=k2)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    opt = make_optimizer(3e-3, total_steps=steps, warmup_steps=50, weight_decay=1e-4)
+    state = init_train_state(params, opt, jax.random.key(seed))
+    step_fn = jax.jit(make_train_step(loss_fn, opt, ema_decay=0.99))
+    it = BatchIterator({"x": x[train], "y": y[train]}, batch_size, seed=seed)
+    ckpt = None
+    if workdir is not None:
+        ckpt = Checkpointer(workdir, save_every=steps, keep=1,
+                            config=dict(seed=seed, shape=[H, W, C], classes=num_classes,
+                                        width=width, steps=steps))
+        restored = ckpt.restore_latest(jax.eval_shape(lambda: state))
+        if restored is not None:
+            state = restored[0]
+    for _ in range(int(state.step), steps):
+        state, _ = step_fn(state, next(it))
+    if ckpt is not None:
+        ckpt.save(steps, state)
+        ckpt.wait_until_finished()
+        ckpt.close()
+    judge = Judge(graphdef, state.ema_params, 0.0)
+    judge.held_out_accuracy = float(np.mean(judge.predict(x[test]) == y[test]))
+    return judge
+
+
+def primary_and_judge(x, y, workdir: str | None, **kwargs) -> tuple[Judge, Judge]:
+    """The two independently trained classifiers (seeds 0 and 1)."""
+    sub = (lambda s: None) if workdir is None else (lambda s: os.path.join(workdir, s))
+    return (train_classifier(x, y, seed=0, workdir=sub("primary"), **kwargs),
+            train_classifier(x, y, seed=1, workdir=sub("judge"), **kwargs))
+
+
+def feature_fd(judge: Judge, samples: np.ndarray, reference: np.ndarray) -> float:
+    """Fréchet distance between the judge's features of ``samples`` and of ``reference``."""
+    return frechet_distance_from_features(judge.features(samples), judge.features(reference))
