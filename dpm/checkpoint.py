@@ -1,0 +1,364 @@
+"""Checkpoints: orbax ``CheckpointManager`` behind a small wrapper that makes runs resumable.
+
+Every saved step holds two items: ``state`` (the arrays of the train state, written by orbax to a
+temporary directory and renamed when complete, so a crash mid-save leaves the previous checkpoint
+intact) and ``meta`` (JSON: the run's config, the data iterator's position and the layout -- key
+path, shape, dtype -- of every array). Restoring compares the stored config and layout with the
+current ones first, so a checkpoint of another model is refused with a message saying what
+differs, and falls back to an older checkpoint, with a warning, when the newest cannot be read.
+Once a save is on disk the wrapper adds ``dpm_manifest.json`` (size and CRC32 of every file of the
+step), so a truncated, deleted or altered file is found before orbax reads it.
+
+Typical use::
+
+    with Checkpointer(workdir / "ckpt", save_every=1000, keep=3, config=config) as ckpt:
+        restored = ckpt.restore_latest(jax.eval_shape(lambda: state))
+        if restored is not None:
+            state, data_state, _ = restored
+        for ...:
+            state, metrics = train_step(state, batch)
+            ckpt.maybe_save(int(state.step), state, data_state={"position": position})
+        ckpt.save(int(state.step), state, data_state={"position": position})
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import LatestN
+
+__all__ = ["Checkpointer"]
+
+PyTree = Any
+
+_MAX_LISTED = 8  # differences listed in a refusal message
+_MANIFEST = "dpm_manifest.json"
+_CHUNK = 1 << 24
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _file_table(step_dir: str) -> dict[str, list[int]]:
+    """``{relative path: [size, crc32]}`` of every file under ``step_dir`` but the manifest."""
+    table = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if not rel.startswith(_MANIFEST):
+                table[rel] = [os.path.getsize(path), _crc32(path)]
+    return table
+
+
+def _json_roundtrip(value: Any, name: str) -> Any:
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be JSON-serialisable, got {value!r} ({e}).") from e
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    x = np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _layout(tree: PyTree) -> dict[str, dict[str, Any]]:
+    """``{key path: {"shape": [...], "dtype": "..."}}`` for every array leaf of ``tree``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        jax.tree_util.keystr(path): {"shape": list(np.shape(x)), "dtype": str(x.dtype)}
+        for path, x in leaves
+    }
+
+
+def _flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, dict) and config:
+        out = {}
+        for k, v in config.items():
+            out.update(_flatten_config(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): config}
+
+
+def _listing(lines: list[str]) -> str:
+    more = len(lines) - _MAX_LISTED
+    shown = lines[:_MAX_LISTED] + ([f"... and {more} more"] if more > 0 else [])
+    return "\n  ".join([""] + shown)
+
+
+class Checkpointer:
+    """Periodic, atomic, resumable checkpoints of a train state plus config and data position.
+
+    Args:
+      directory: where step directories ``<directory>/<step>`` are written (created if missing).
+      save_every: :meth:`maybe_save` saves the steps that are multiples of this.
+      keep: number of most recent checkpoints kept; older ones are deleted.
+      config: the run's configuration (a JSON-serialisable dict, or anything with ``to_dict()``
+        such as an ``ml_collections.ConfigDict``); stored with every checkpoint and compared on
+        restore. None skips the comparison.
+      async_save: write the arrays in a background thread after copying them to host memory;
+        :meth:`wait_until_finished` blocks until written.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        save_every: int = 1,
+        keep: int = 3,
+        config: Mapping[str, Any] | None = None,
+        async_save: bool = True,
+    ):
+        if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
+            raise ValueError(f"save_every must be an int >= 1, got {save_every!r}.")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an int >= 1, got {keep!r}.")
+        if config is not None and hasattr(config, "to_dict"):
+            config = config.to_dict()
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict or None, got {type(config).__name__}.")
+        self._config = None if config is None else _json_roundtrip(dict(config), "config")
+        self._save_every = save_every
+        self._directory = os.path.abspath(os.fspath(directory))
+        self._corrupt_steps: set[int] = set()
+        self._unsealed_steps: set[int] = set()  # saved by this object, manifest not yet written
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=1,  # the decision is taken in maybe_save
+            preservation_policy=LatestN(n=keep),
+            create=True,
+            cleanup_tmp_directories=True,  # leftovers of a crashed save
+            enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(
+            self._directory, item_names=("state", "meta"), options=options
+        )
+
+    @property
+    def directory(self) -> str:
+        """Absolute path of the checkpoint directory."""
+        return self._directory
+
+    def all_steps(self) -> list[int]:
+        """Steps with a (complete) checkpoint, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest saved step, or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def maybe_save(
+        self, step: int, state: PyTree, data_state: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Save when ``step`` is a positive multiple of ``save_every``; see :meth:`save`."""
+        step = int(step)
+        if step <= 0 or step % self._save_every != 0:
+            return False
+        return self.save(step, state, data_state)
+
+    def save(self, step: int, state: PyTree, data_state: Mapping[str, Any] | None = None) -> bool:
+        """Save ``state`` and ``data_state`` as step ``step`` now (e.g. at the end of a run).
+
+        Args:
+          step: the step number (usually ``int(state.step)``).
+          state: pytree of arrays (e.g. a ``TrainState``).
+          data_state: small JSON-serialisable dict, e.g. the data iterator's position.
+
+        Returns:
+          True if a save was started; False if ``step`` is already saved.
+        """
+        step = int(step)
+        data_state = _json_roundtrip(data_state, "data_state")
+        if step in self._corrupt_steps:  # unreadable checkpoint found by restore_latest
+            self._manager.delete(step)
+            self._corrupt_steps.discard(step)
+        elif step in self._manager.all_steps():
+            return False
+        self._seal_finished_saves()
+        meta = {"config": self._config, "data_state": data_state, "layout": _layout(state)}
+        started = bool(
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        )
+        if started:
+            self._unsealed_steps.add(step)
+        return started
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self._directory, str(step))
+
+    def _seal_finished_saves(self) -> None:
+        """Write the manifest of every save of this object that is complete on disk."""
+        if not self._unsealed_steps:
+            return
+        self._manager.wait_until_finished()
+        on_disk = set(self._manager.all_steps())
+        for step in sorted(self._unsealed_steps):
+            step_dir = self._step_dir(step)
+            if step in on_disk and os.path.isdir(step_dir) and jax.process_index() == 0:
+                table = _file_table(step_dir)
+                tmp = os.path.join(step_dir, _MANIFEST + ".tmp")
+                with open(tmp, "w") as f:
+                    json.dump({"files": table}, f)
+                os.replace(tmp, os.path.join(step_dir, _MANIFEST))
+        self._unsealed_steps.clear()
+
+    def _verify(self, step: int) -> None:
+        """Raise ``OSError`` when a file of the step differs from its manifest (if it has one)."""
+        step_dir = self._step_dir(step)
+        manifest = os.path.join(step_dir, _MANIFEST)
+        if not os.path.exists(manifest):
+            return  # e.g. killed between the save and its manifest: let orbax try
+        with open(manifest) as f:
+            expected = json.load(f)["files"]
+        problems = []
+        for rel, (size, crc) in expected.items():
+            path = os.path.join(step_dir, rel)
+            if not os.path.isfile(path):
+                problems.append(f"{rel} is missing")
+            elif os.path.getsize(path) != size:
+                problems.append(f"{rel} has {os.path.getsize(path)} bytes, expected {size}")
+            elif _crc32(path) != crc:
+                problems.append(f"{rel} has another CRC32 than when saved")
+        if problems:
+            more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise OSError("; ".join(problems[:3]) + more)
+
+    def _check_compatible(self, meta: Mapping[str, Any], layout: dict, step: int) -> None:
+        where = f"checkpoint {os.path.join(self._directory, str(step))}"
+        stored_config = meta.get("config")
+        if self._config is not None and stored_config is not None and stored_config != self._config:
+            old, new = _flatten_config(stored_config), _flatten_config(self._config)
+            lines = [
+                f"{k}: checkpoint has {old.get(k, '<absent>')!r}, current config has "
+                f"{new.get(k, '<absent>')!r}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k, "<absent>") != new.get(k, "<absent>")
+            ]
+            raise ValueError(
+                f"{where} was made with another config; refusing to restore it. Differences:"
+                + _listing(lines)
+            )
+        stored = meta.get("layout") or {}
+        lines = []  # in the state's leaf order: params first
+        for k, b in layout.items():
+            a = stored.get(k)
+            if a is None:
+                lines.append(f"{k}: in the state, not in the checkpoint")
+            elif a != b:
+                lines.append(
+                    f"{k}: checkpoint has shape {tuple(a['shape'])} {a['dtype']}, state has "
+                    f"shape {tuple(b['shape'])} {b['dtype']}"
+                )
+        lines += [f"{k}: in the checkpoint, not in the state" for k in stored if k not in layout]
+        if lines:
+            raise ValueError(
+                f"{where} does not match the structure of the state to restore (another model "
+                "or optimizer?); refusing to restore it. Differences:" + _listing(lines)
+            )
+
+    def restore_latest(self, abstract_state: PyTree) -> tuple[PyTree, Any, int] | None:
+        """Restore the newest readable checkpoint into the structure of ``abstract_state``.
+
+        Args:
+          abstract_state: the state a fresh run would start from, or its
+            ``jax.eval_shape``; leaves may carry shardings, which the restored arrays get.
+
+        Returns:
+          ``(state, data_state, step)``, or None when the directory has no checkpoint.
+
+        Raises:
+          ValueError: when the newest readable checkpoint was made with another config or holds
+            arrays of other key paths, shapes or dtypes; or when no checkpoint can be read.
+
+        Warns:
+          UserWarning: for every unreadable (e.g. truncated) checkpoint skipped in favour of an
+            older one. Such a step is overwritten when the run saves it again.
+        """
+        self._seal_finished_saves()
+        self._manager.wait_until_finished()
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        abstract = jax.tree.map(_abstract, abstract_state)
+        layout = _layout(abstract)
+        failures = []
+        for step in steps:
+            try:
+                self._verify(step)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                failures.append(self._unreadable(step, "files", e))
+                continue
+            try:
+                meta = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )["meta"]
+                if not isinstance(meta, dict):
+                    raise ValueError(f"meta item is {type(meta).__name__}, expected a dict")
+            except Exception as e:  # noqa: BLE001 - any read failure means "unreadable"
+                failures.append(self._unreadable(step, "meta", e))
+                continue
+            self._check_compatible(meta, layout, step)
+            try:
+                state = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                )["state"]
+            except Exception as e:  # noqa: BLE001
+                failures.append(self._unreadable(step, "state", e))
+                continue
+            return state, meta.get("data_state"), step
+        raise ValueError(
+            f"no readable checkpoint in directory {self._directory!r}:" + _listing(failures)
+        )
+
+    def _unreadable(self, step: int, item: str, error: Exception) -> str:
+        self._corrupt_steps.add(step)
+        detail = str(error)
+        detail = detail if len(detail) <= 300 else detail[:300] + "..."
+        message = f"step {step}: {item} unreadable ({type(error).__name__}: {detail})"
+        warnings.warn(
+            f"checkpoint {os.path.join(self._directory, str(step))} cannot be read ({message}); "
+            "falling back to an older checkpoint.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return message
+
+    def wait_until_finished(self) -> None:
+        """Block until every started save is on disk (with its manifest)."""
+        self._manager.wait_until_finished()
+        self._seal_finished_saves()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager's resources."""
+        self.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

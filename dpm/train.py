@@ -1,0 +1,445 @@
+"""Train state, optimizer, parameter EMA and one pure train step.
+
+A train step is a pure function ``train_step(state, batch, *extra) -> (state, metrics)`` of a
+:class:`TrainState` (arrays only) and a batch. Every loss in the project has the signature
+``loss_fn(params, batch, key, *extra) -> (B,)`` per-example losses; the step takes their mean,
+differentiates, applies optax (clip by global norm, AdamW, warmup + cosine) and updates the
+parameter EMA. Distillation passes the teacher's parameters through ``*extra`` (an argument, not a
+closed-over constant).
+
+Typical use::
+
+    optimizer = make_optimizer(2e-4, total_steps=10_000, warmup_steps=500)
+    state = init_train_state(params, optimizer, jax.random.key(0))
+    train_step = jit_train_step(make_train_step(loss_fn, optimizer))
+    for batch in batches:
+        state, metrics = train_step(state, batch)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from dpm.parallel import batch_sharding, replicated
+
+__all__ = [
+    "TrainState",
+    "edm_ema_decay",
+    "ema_update",
+    "init_train_state",
+    "jit_train_step",
+    "make_lr_schedule",
+    "make_optimizer",
+    "make_train_step",
+]
+
+PyTree = Any
+LossFn = Callable[..., jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a training run carries from step to step; a pytree of arrays only.
+
+    Attributes:
+      params: the trained parameters (a pytree of arrays).
+      ema_params: exponential moving average of ``params`` (same structure).
+      opt_state: the optax state of the optimizer that built it.
+      step: int32 scalar, number of train steps taken (skipped ones included).
+      key: PRNG key; split once per step, so a run is deterministic given the initial key.
+      skipped: int32 scalar, number of steps whose update was skipped for a non-finite loss or
+        gradient.
+    """
+
+    params: PyTree
+    ema_params: PyTree
+    opt_state: PyTree
+    step: jax.Array
+    key: jax.Array
+    skipped: jax.Array
+
+    def replace(self, **changes: Any) -> TrainState:
+        """A copy with the given fields replaced."""
+        return dataclasses.replace(self, **changes)
+
+
+def make_lr_schedule(
+    learning_rate: float,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+) -> optax.Schedule:
+    """Learning rate as a function of the update count: linear warmup, then cosine or constant.
+
+    ``eta(s) = learning_rate * s / W`` for ``s < W``; afterwards
+    ``learning_rate * (1 + cos(pi * min(s - W, T - W) / (T - W))) / 2`` (cosine, reaching 0 at
+    ``s = T``) or ``learning_rate`` (constant), with ``W = warmup_steps``, ``T = total_steps``.
+
+    Args:
+      learning_rate: peak learning rate (>= 0).
+      total_steps: ``T``, the length of the run in updates (>= 1).
+      warmup_steps: ``W``, the length of the linear warmup (0 <= W < T).
+      schedule: ``"cosine"`` or ``"constant"`` after the warmup.
+
+    Returns:
+      A function ``count -> learning rate`` (scalar of the default float dtype), usable under
+      ``jit``.
+    """
+    if not isinstance(learning_rate, int | float) or learning_rate < 0:
+        raise ValueError(f"learning_rate must be a non-negative number, got {learning_rate!r}.")
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}.")
+    if (
+        isinstance(warmup_steps, bool)
+        or not isinstance(warmup_steps, int)
+        or not 0 <= warmup_steps < total_steps
+    ):
+        raise ValueError(
+            f"warmup_steps must be an int with 0 <= warmup_steps < total_steps={total_steps}, "
+            f"got {warmup_steps!r}."
+        )
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}.")
+    eta = float(learning_rate)
+    W, T = warmup_steps, total_steps
+
+    def lr(count: jax.Array) -> jax.Array:
+        s = jnp.asarray(count, jnp.result_type(float))  # float64 under x64
+        warm = eta * s / max(W, 1)
+        if schedule == "constant":
+            after = jnp.full_like(s, eta)
+        else:
+            progress = jnp.clip((s - W) / (T - W), 0.0, 1.0)
+            after = 0.5 * eta * (1.0 + jnp.cos(math.pi * progress))
+        return jnp.where(s < W, warm, after)
+
+    return lr
+
+
+def _default_decay_mask(params: PyTree) -> PyTree:
+    # weight decay on matrices and kernels, not on biases, norms' scales or scalars
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(
+    learning_rate: float,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decay_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+    clip_norm: float | None = 1.0,
+) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW with a warmup + cosine (or constant) learning rate.
+
+    Args:
+      learning_rate: peak learning rate.
+      total_steps: length of the run in updates (the cosine reaches 0 there).
+      warmup_steps: length of the linear warmup from 0.
+      schedule: ``"cosine"`` or ``"constant"`` after the warmup (see :func:`make_lr_schedule`).
+      b1, b2, eps: Adam's moment decays and denominator offset.
+      weight_decay: decoupled weight decay coefficient (AdamW's ``lambda``).
+      decay_mask: which parameters are decayed: a pytree of bools or a function of the params
+        returning one; by default those with ``ndim >= 2``.
+      clip_norm: maximum global gradient norm, or None for no clipping.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+    """
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm must be positive or None, got {clip_norm!r}.")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+    lr = make_lr_schedule(
+        learning_rate, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule
+    )
+    adamw = optax.adamw(
+        lr,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        weight_decay=weight_decay,
+        mask=_default_decay_mask if decay_mask is None else decay_mask,
+    )
+    if clip_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+def ema_update(ema_params: PyTree, params: PyTree, decay: float | jax.Array) -> PyTree:
+    """One step of the parameter EMA: ``ema <- decay * ema + (1 - decay) * params``.
+
+    Args:
+      ema_params: the running average (pytree of arrays).
+      params: the current parameters (same structure).
+      decay: scalar in [0, 1]; 0 copies ``params``, 1 keeps ``ema_params``.
+
+    Returns:
+      The updated average, with the dtypes of ``ema_params``.
+    """
+
+    def lerp(e, p):
+        return (decay * e + (1 - decay) * p).astype(e.dtype)
+
+    return jax.tree.map(lerp, ema_params, params)
+
+
+def edm_ema_decay(
+    step: jax.Array | int,
+    batch_size: int,
+    ema_halflife_kimg: float = 500.0,
+    ema_rampup_ratio: float | None = 0.05,
+) -> jax.Array:
+    """EMA decay with a half-life in images and a ramp-up (Karras et al. 2022, EDM training loop).
+
+    With ``n = step * batch_size`` images seen before this update, the half-life is
+    ``h = min(1000 * ema_halflife_kimg, ema_rampup_ratio * n)`` images and the decay is
+    ``0.5 ** (batch_size / max(h, 1e-8))``; at step 0 the decay is 0 (the EMA starts at the
+    parameters).
+
+    Args:
+      step: index of the update (0 for the first), as used by ``make_train_step``.
+      batch_size: global batch size.
+      ema_halflife_kimg: half-life of the average in thousands of images.
+      ema_rampup_ratio: half-life at most this fraction of the images seen so far; None disables
+        the ramp-up.
+
+    Returns:
+      float32 scalar decay.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size!r}.")
+    halflife_nimg = jnp.asarray(ema_halflife_kimg * 1000.0, jnp.float32)
+    if ema_rampup_ratio is not None:
+        cur_nimg = jnp.asarray(step, jnp.float32) * batch_size
+        halflife_nimg = jnp.minimum(halflife_nimg, cur_nimg * ema_rampup_ratio)
+    return jnp.float32(0.5) ** (batch_size / jnp.maximum(halflife_nimg, 1e-8))
+
+
+def init_train_state(
+    params: PyTree, optimizer: optax.GradientTransformation, key: jax.Array
+) -> TrainState:
+    """A fresh :class:`TrainState`: step 0, EMA equal to (a copy of) the parameters.
+
+    Args:
+      params: the initial parameters, e.g. ``nnx.split(model, nnx.Param)[1]``.
+      optimizer: the transformation the train step will apply (only its ``init`` is used here).
+      key: PRNG key of the run (typed ``jax.random.key`` or raw ``uint32[2]``).
+
+    Returns:
+      The initial state.
+    """
+    return TrainState(
+        params=params,
+        # a copy, so that params and EMA never share a buffer (the step donates the state)
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+        step=jnp.zeros((), jnp.int32),
+        key=key,
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def _batch_size(batch: PyTree) -> int | None:
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        return None
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        shapes = [jnp.shape(x) for x in leaves]
+        raise ValueError(
+            f"batch leaves must share one leading batch size, got leaf shapes {shapes}."
+        )
+    return sizes.pop()
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    ema_decay: float | Callable[[jax.Array], jax.Array] = 0.9999,
+    grad_accum_steps: int = 1,
+    skip_nonfinite: bool = True,
+    learning_rate: optax.Schedule | float | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Build the pure ``train_step(state, batch, *extra) -> (state, metrics)``.
+
+    One step: split the state's key; mean of ``loss_fn(params, batch, key, *extra)`` and its
+    gradient (accumulated over ``grad_accum_steps`` micro-batches with ``lax.scan``); optax update;
+    EMA update with ``ema_decay``. If the loss or the gradient is not finite and
+    ``skip_nonfinite``, the parameters, optimizer state and EMA stay as they were, the step counter
+    still advances and ``skipped`` grows by one.
+
+    Args:
+      loss_fn: ``(params, batch, key, *extra) -> (B,)`` per-example losses.
+      optimizer: the optax transformation (closed over, never stored in the state).
+      ema_decay: constant decay, or a function of the update index ``state.step`` (before it is
+        incremented) returning it, e.g. ``functools.partial(edm_ema_decay, batch_size=B)``.
+      grad_accum_steps: number of micro-batches the batch's leading axis is split into; the
+        micro-batch ``i`` holds examples ``i, i + n, i + 2n, ...`` so that a batch sharded over
+        devices stays local. With a key-independent loss the result equals the full-batch step.
+      skip_nonfinite: skip updates whose loss or gradient norm is NaN or infinite.
+      learning_rate: the optimizer's schedule (or constant), only to report the learning rate of
+        the update in ``metrics["learning_rate"]`` (evaluated at the number of applied updates,
+        ``step - skipped``); omitted from the metrics when None.
+
+    Returns:
+      ``train_step(state, batch, *extra) -> (state, metrics)``, pure and not yet jitted (see
+      :func:`jit_train_step`). ``metrics`` holds ``loss`` (mean over the batch), ``grad_norm``
+      (global norm before clipping), ``skipped`` (running count) and maybe ``learning_rate``.
+    """
+    if (
+        isinstance(grad_accum_steps, bool)
+        or not isinstance(grad_accum_steps, int)
+        or (grad_accum_steps < 1)
+    ):
+        raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}.")
+    n_micro = grad_accum_steps
+
+    def mean_loss(params, batch, key, extra):
+        losses = loss_fn(params, batch, key, *extra)
+        B = _batch_size(batch)
+        if jnp.ndim(losses) != 1 or (B is not None and jnp.shape(losses)[0] != B):
+            raise ValueError(
+                f"loss_fn must return per-example losses of shape (B,) = ({B},), got shape "
+                f"{jnp.shape(losses)}."
+            )
+        return jnp.mean(losses)
+
+    loss_and_grad = jax.value_and_grad(mean_loss)
+
+    def accumulated_loss_and_grad(params, batch, key, extra):
+        B = _batch_size(batch)
+        if B is None or B % n_micro != 0:
+            raise ValueError(
+                f"grad_accum_steps={n_micro} must divide the batch's leading size, got {B}."
+            )
+        # (B, ...) -> (n, B / n, ...): micro-batch i takes examples i, i + n, ...
+        micro = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(B // n_micro, n_micro, *x.shape[1:]), 0, 1), batch
+        )
+        keys = jax.random.split(key, n_micro)
+
+        def body(grad_sum, xs):
+            micro_batch, micro_key = xs
+            loss, grads = loss_and_grad(params, micro_batch, micro_key, extra)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        zero = jax.tree.map(jnp.zeros_like, params)
+        grad_sum, losses = jax.lax.scan(body, zero, (micro, keys))
+        return jnp.mean(losses), jax.tree.map(lambda g: g / n_micro, grad_sum)
+
+    def train_step(
+        state: TrainState, batch: PyTree, *extra: Any
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        key, step_key = jax.random.split(state.key)
+        if n_micro == 1:
+            loss, grads = loss_and_grad(state.params, batch, step_key, extra)
+        else:
+            loss, grads = accumulated_loss_and_grad(state.params, batch, step_key, extra)
+        grad_norm = optax.tree.norm(grads)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay(state.step) if callable(ema_decay) else ema_decay
+        ema_params = ema_update(state.ema_params, params, jnp.asarray(decay, jnp.float32))
+
+        skipped = state.skipped
+        if skip_nonfinite:
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+            params = keep_old(params, state.params)
+            opt_state = keep_old(opt_state, state.opt_state)
+            ema_params = keep_old(ema_params, state.ema_params)
+            skipped = skipped + jnp.where(ok, 0, 1).astype(jnp.int32)
+
+        new_state = TrainState(
+            params=params,
+            ema_params=ema_params,
+            opt_state=opt_state,
+            step=state.step + 1,
+            key=key,
+            skipped=skipped,
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": skipped}
+        if learning_rate is not None:
+            applied = state.step - state.skipped
+            metrics["learning_rate"] = (
+                jnp.asarray(learning_rate(applied), jnp.float32)
+                if callable(learning_rate)
+                else jnp.float32(learning_rate)
+            )
+        return new_state, metrics
+
+    return train_step
+
+
+def _check_divisible(batch: PyTree, n_devices: int) -> None:
+    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        shape = jnp.shape(x)
+        if not shape or shape[0] % n_devices != 0:
+            raise ValueError(
+                f"batch leaf {jax.tree_util.keystr(path)} has leading size "
+                f"{shape[0] if shape else '<scalar>'}; it must be a multiple of the {n_devices} "
+                "devices of the mesh."
+            )
+
+
+def jit_train_step(
+    train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
+    mesh: Mesh | None = None,
+    *,
+    donate: bool = True,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Jit a train step, data-parallel over ``mesh`` when given, donating the input state.
+
+    With a mesh the state, the extra arguments (e.g. teacher parameters) and the outputs are
+    replicated and every batch leaf is split along its leading axis over the ``"data"`` axis (see
+    ``dpm.parallel``); the compiler inserts the gradient all-reduce. Without one it is a plain
+    ``jax.jit``.
+
+    Args:
+      train_step: from :func:`make_train_step` (or any ``(state, batch, *extra) -> (state, m)``).
+      mesh: a 1-D device mesh, or None.
+      donate: donate the input state's buffers to the output (do not reuse the input state).
+
+    Returns:
+      ``step(state, batch, *extra) -> (state, metrics)``.
+    """
+    donate_argnums = (0,) if donate else ()
+
+    def packed(state, batch, extra):
+        return train_step(state, batch, *extra)
+
+    if mesh is None:
+        jitted = jax.jit(packed, donate_argnums=donate_argnums)
+    else:
+        rep = replicated(mesh)
+        jitted = jax.jit(
+            packed,
+            in_shardings=(rep, batch_sharding(mesh), rep),
+            out_shardings=(rep, rep),
+            donate_argnums=donate_argnums,
+        )
+
+    def step(state: TrainState, batch: PyTree, *extra: Any):
+        if mesh is not None:
+            _check_divisible(batch, mesh.size)
+        return jitted(state, batch, extra)
+
+    step.jitted = jitted
+    return step
