@@ -23,8 +23,16 @@ class MLP(nnx.Module):
       emb_dim: width of the sinusoidal embedding.
     """
 
-    def __init__(self, dim: int, width: int = 128, depth: int = 3, *, num_classes: int | None = None,
-                 emb_dim: int = 64, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        width: int = 128,
+        depth: int = 3,
+        *,
+        num_classes: int | None = None,
+        emb_dim: int = 64,
+        rngs: nnx.Rngs,
+    ):
         for name, v in (("dim", dim), ("width", width), ("depth", depth)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
