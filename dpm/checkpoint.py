@@ -116,6 +116,10 @@ class Checkpointer:
         restore. None skips the comparison.
       async_save: write the arrays in a background thread after copying them to host memory;
         :meth:`wait_until_finished` blocks until written.
+
+    A save's integrity manifest (sizes and CRC32s, one read of the files) is written once the save
+    is on disk: at the next :meth:`save`, :meth:`wait_until_finished`, :meth:`restore_latest` or
+    :meth:`close`. Keep ``keep >= 2`` so that an unreadable newest checkpoint has a fallback.
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class Checkpointer:
         self._directory = os.path.abspath(os.fspath(directory))
         self._corrupt_steps: set[int] = set()
         self._unsealed_steps: set[int] = set()  # saved by this object, manifest not yet written
+        self._closed = False
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1,  # the decision is taken in maybe_save
             preservation_policy=LatestN(n=keep),
@@ -353,9 +358,12 @@ class Checkpointer:
         self._seal_finished_saves()
 
     def close(self) -> None:
-        """Finish pending saves and release the manager's resources."""
+        """Finish pending saves and release the manager's resources; idempotent."""
+        if self._closed:
+            return
         self.wait_until_finished()
         self._manager.close()
+        self._closed = True
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -254,17 +254,18 @@ def init_train_state(
     )
 
 
-def _batch_size(batch: PyTree) -> int | None:
+def _batch_size(batch: PyTree, strict: bool) -> int | None:
+    """The leading size shared by all batch leaves; None (or an error if ``strict``) if none."""
     leaves = jax.tree.leaves(batch)
-    if not leaves:
-        return None
     sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-    if len(sizes) != 1 or None in sizes:
+    if len(sizes) == 1 and None not in sizes:
+        return sizes.pop()
+    if strict:
         shapes = [jnp.shape(x) for x in leaves]
         raise ValueError(
             f"batch leaves must share one leading batch size, got leaf shapes {shapes}."
         )
-    return sizes.pop()
+    return None
 
 
 def make_train_step(
@@ -312,7 +313,7 @@ def make_train_step(
 
     def mean_loss(params, batch, key, extra):
         losses = loss_fn(params, batch, key, *extra)
-        B = _batch_size(batch)
+        B = _batch_size(batch, strict=False)
         if jnp.ndim(losses) != 1 or (B is not None and jnp.shape(losses)[0] != B):
             raise ValueError(
                 f"loss_fn must return per-example losses of shape (B,) = ({B},), got shape "
@@ -323,8 +324,8 @@ def make_train_step(
     loss_and_grad = jax.value_and_grad(mean_loss)
 
     def accumulated_loss_and_grad(params, batch, key, extra):
-        B = _batch_size(batch)
-        if B is None or B % n_micro != 0:
+        B = _batch_size(batch, strict=True)
+        if B % n_micro != 0:
             raise ValueError(
                 f"grad_accum_steps={n_micro} must divide the batch's leading size, got {B}."
             )

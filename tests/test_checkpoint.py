@@ -261,6 +261,7 @@ def test_save_every_and_keep_last_n(tmp_path):
         assert not ckpt.save(7, state)  # already there
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [6, 7]
+        ckpt.close()  # closing twice (here and on exit) is fine
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["6", "7"]
 
 

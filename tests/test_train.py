@@ -269,23 +269,31 @@ def test_nonfinite_batch_is_skipped():
 
 
 def test_key_split_each_step_is_deterministic():
-    def noisy_loss(params, batch, key):
+    def noise_loss(params, batch, key):  # depends on the key only
         noise = jax.random.normal(key, batch["y"].shape)
-        return regression_loss(params, {"x": batch["x"], "y": batch["y"] + noise}, key)
+        return jnp.sum(noise**2, axis=-1) + 0.0 * jnp.sum(params["w"])
 
     opt = make_optimizer(0.05, total_steps=10)
     state0 = init_train_state(init_params(0), opt, jax.random.key(1))
-    step = jax.jit(make_train_step(noisy_loss, opt))
+    step = jax.jit(make_train_step(noise_loss, opt))
     runs = []
     for _ in range(2):
         state, losses = state0, []
         for _ in range(3):
-            state, m = step(state, make_batch(0))  # same batch: only the key differs
+            state, m = step(state, make_batch(0))
             losses.append(float(m["loss"]))
         runs.append((state, losses))
-    assert_trees_equal(runs[0][0], runs[1][0])
+    assert_trees_equal(runs[0][0], runs[1][0])  # deterministic given the initial key
     assert runs[0][1] == runs[1][1]
+    # step n draws from the second half of split(key_n), and carries the first half on
+    key, expected = jax.random.key(1), []
+    for _ in range(3):
+        key, step_key = jax.random.split(key)
+        noise = np.asarray(jax.random.normal(step_key, (B, D_OUT)))
+        expected.append(np.mean(np.sum(noise**2, axis=-1)))
+    np.testing.assert_allclose(runs[0][1], expected, rtol=1e-6)
     assert len(set(runs[0][1])) == 3  # a fresh key every step
+    np.testing.assert_array_equal(jax.random.key_data(runs[0][0].key), jax.random.key_data(key))
 
 
 def test_teacher_params_are_an_argument():
