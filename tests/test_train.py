@@ -262,6 +262,13 @@ def test_nonfinite_batch_is_skipped():
     newer, metrics = step(new, make_batch(1))
     assert int(newer.step) == 2 and int(newer.skipped) == 1
     assert not np.allclose(newer.params["w"], state.params["w"])
+    # a finite loss with a non-finite gradient (d|b|/db at b = 0 is 0/0) is skipped too
+    norm_loss = lambda p, batch, key: jnp.sqrt(jnp.sum(p["b"] ** 2)) + 0.0 * batch["x"][:, 0]
+    zero_b = state.replace(params={**state.params, "b": jnp.zeros(D_OUT)})
+    new, metrics = jax.jit(make_train_step(norm_loss, opt))(zero_b, make_batch(0))
+    assert float(metrics["loss"]) == 0.0 and not np.isfinite(float(metrics["grad_norm"]))
+    assert int(new.skipped) == 1
+    assert_trees_equal(new.params, zero_b.params)
     # without skipping the NaN reaches the parameters
     unguarded = make_train_step(regression_loss, opt, skip_nonfinite=False)
     nan_state, _ = jax.jit(unguarded)(state, bad)
