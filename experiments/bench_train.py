@@ -1,0 +1,175 @@
+"""Benchmark: U-Net training and sampling throughput, with model FLOPs and fraction of peak.
+
+    python -m experiments.bench_train                                  # CPU-sized default
+    python -m experiments.bench_train --preset ddpm_cifar10 --dtype bfloat16 \\
+        --train-batch 256 --sample-batch 1024 --peak-tflops 790       # the H200 configuration
+
+Training: images/s of the jitted, data-parallel train step (eps loss, AdamW, EMA). Sampling:
+images/s of DPM-Solver++(2M) at ``--nfe`` evaluations, jitted whole. FLOPs per image come from
+XLA's cost analysis of the forward pass compiled for the CPU (the GPU backend under-counts
+convolutions); a training step is counted as 3x the forward. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.tree_util import Partial
+
+import dpm
+import nets
+from dpm.parallel import make_mesh, replicate, shard_batch
+from dpm.train import init_train_state, jit_train_step, make_optimizer, make_train_step
+from experiments import _io
+from experiments._model import _DTYPES, make_loss
+from solvers.dpm_solver import dpm_solver_pp
+from solvers.grids import uniform_time
+
+_PRESETS = {"tiny": nets.tiny, "small": nets.small, "ddpm_cifar10": nets.ddpm_cifar10}
+
+
+def unet_from_args(args) -> nets.UNetConfig:
+    kw = dict(dtype=_DTYPES[args.dtype])
+    if args.preset == "ddpm_cifar10":
+        return nets.ddpm_cifar10(**kw)
+    return _PRESETS[args.preset](image_size=args.image_size, channels=args.channels, **kw)
+
+
+def forward_flops_per_image(cfg: nets.UNetConfig, batch: int = 4) -> float:
+    """XLA's FLOP count of one forward pass, per image, compiled for the CPU backend."""
+    model = nnx.eval_shape(lambda: nets.UNet(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    on_cpu = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=cpu)
+    params = jax.tree.map(lambda a: on_cpu(a.shape, a.dtype), params)
+    x = on_cpu((batch, cfg.image_size, cfg.image_size, cfg.in_channels), jnp.float32)
+    t = on_cpu((batch,), jnp.float32)
+    fwd = jax.jit(lambda p, x, t: nnx.merge(graphdef, p)(x, t))
+    cost = fwd.lower(params, x, t).compile().cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan"))) / batch
+
+
+def _timeit(fn, n: int) -> float:
+    out = fn()
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / n
+
+
+def run(args) -> dict:
+    cfg = unet_from_args(args)
+    H, C = cfg.image_size, cfg.in_channels
+    mesh = make_mesh()
+    graphdef, params = nnx.split(nets.UNet(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    schedule = dpm.DiscreteVP.from_name("linear")
+    diffusion = ml_collections.ConfigDict(dict(prediction="eps", weighting="eps",
+                                               time_sampler="discrete", preconditioning=None))
+    loss = make_loss(graphdef, schedule, diffusion)
+    p_rep = replicate(jax.tree.map(jnp.copy, params), mesh)  # the train step donates its state
+    opt = make_optimizer(1e-4, total_steps=10_000, warmup_steps=10)
+    state = replicate(init_train_state(params, opt, jax.random.key(0)), mesh)
+    step = jit_train_step(make_train_step(loss, opt, ema_decay=0.999), mesh)
+    batch = shard_batch({"x": jax.random.normal(jax.random.key(1), (args.train_batch, H, H, C))},
+                        mesh)
+
+    holder = {"state": state}
+
+    def train_once():
+        holder["state"], m = step(holder["state"], batch)
+        return m["loss"]
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(train_once())
+    train_compile = time.perf_counter() - t0
+    train_s = _timeit(train_once, args.iters)
+
+    apply = lambda p, x, c_noise, cond: nnx.merge(graphdef, p)(x, c_noise, cond)
+    ts = uniform_time(args.nfe, schedule, t_end=0.0)
+
+    @jax.jit
+    def sample(p, x_T):
+        den = dpm.network_denoiser(Partial(apply, p), schedule, "eps")
+        return dpm_solver_pp(den, x_T, ts, order=2)
+
+    x_T = shard_batch(jax.random.normal(jax.random.key(2), (args.sample_batch, H, H, C)), mesh)
+    t0 = time.perf_counter()
+    jax.block_until_ready(sample(p_rep, x_T))
+    sample_compile = time.perf_counter() - t0
+    sample_s = _timeit(lambda: sample(p_rep, x_T), args.iters)
+
+    flops = forward_flops_per_image(cfg)
+    train_ips = args.train_batch / train_s
+    sample_ips = args.sample_batch / sample_s
+    result = {
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "preset": args.preset, "dtype": args.dtype, "image_size": H, "channels": C,
+        "params": int(n_params),
+        "forward_gflop_per_image": flops / 1e9,
+        "train_batch": args.train_batch, "sample_batch": args.sample_batch, "nfe": args.nfe,
+        "train_images_per_s": train_ips, "sample_images_per_s": sample_ips,
+        "train_compile_s": train_compile, "sample_compile_s": sample_compile,
+        "train_tflops": 3 * flops * train_ips / 1e12,
+        "sample_tflops": flops * args.nfe * sample_ips / 1e12,
+    }
+    if args.peak_tflops:
+        result["train_fraction_of_peak"] = result["train_tflops"] / args.peak_tflops
+        result["sample_fraction_of_peak"] = result["sample_tflops"] / args.peak_tflops
+    return result
+
+
+def print_table(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"U-Net {r['preset']} ({r['params'] / 1e6:.2f}M params, "
+                    f"{r['forward_gflop_per_image']:.3f} GFLOP/img fwd) on {r['backend']}, "
+                    f"{r['dtype']}")
+    for col in ("phase", "batch", "images/s", "TFLOP/s", "fraction of peak", "compile s"):
+        t.add_column(col, justify="right")
+    for ph, b in (("train", r["train_batch"]), ("sample", r["sample_batch"])):
+        frac = r.get(f"{ph}_fraction_of_peak")
+        t.add_row(f"{ph}" + (f" ({r['nfe']} NFE)" if ph == "sample" else ""), str(b),
+                  f"{r[f'{ph}_images_per_s']:.1f}", f"{r[f'{ph}_tflops']:.4f}",
+                  "-" if frac is None else f"{frac:.3f}", f"{r[f'{ph}_compile_s']:.1f}")
+    Console().print(t)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny", choices=sorted(_PRESETS))
+    p.add_argument("--image-size", type=int, default=8)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--train-batch", type=int, default=128)
+    p.add_argument("--sample-batch", type=int, default=256)
+    p.add_argument("--nfe", type=int, default=10)
+    p.add_argument("--iters", type=int, default=5, help="timed iterations after compilation")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak, for the fraction of peak (H200 bf16 dense: ~790)")
+    p.add_argument("--out", default="runs/bench_train")
+    args = p.parse_args(argv)
+    r = run(args)
+    print_table(r)
+    path = os.path.join(args.out, f"bench_train_{r['preset']}_{r['dtype']}_{r['backend']}.json")
+    _io.write_json(path, r)
+    print(f"wrote {path}")
+    return r
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,17 @@
+import json
+import os
+
+from experiments import bench_train
+
+
+def test_bench_train_smoke(tmp_path):
+    r = bench_train.main(["--train-batch", "8", "--sample-batch", "8", "--nfe", "2",
+                          "--iters", "1", "--peak-tflops", "1.0", "--out", str(tmp_path)])
+    assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0
+    # XLA's FLOP count of the tiny preset's forward pass is in the expected range (~15 MFLOP)
+    assert 5e-3 < r["forward_gflop_per_image"] < 5e-2
+    assert 0 < r["train_fraction_of_peak"] < 1
+    files = os.listdir(tmp_path)
+    assert len(files) == 1
+    with open(tmp_path / files[0]) as f:
+        assert json.load(f)["preset"] == "tiny"
