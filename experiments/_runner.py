@@ -115,7 +115,8 @@ def train_denoiser(
     schedule = make_schedule(config.diffusion)
     o = config.optim
     optimizer = make_optimizer(
-        o.learning_rate, total_steps=config.train.steps, warmup_steps=o.warmup_steps,
+        o.learning_rate, total_steps=config.train.steps,
+        warmup_steps=min(o.warmup_steps, config.train.steps - 1),
         weight_decay=o.weight_decay, clip_norm=o.clip_norm, schedule=o.schedule,
     )
     mesh = make_mesh()

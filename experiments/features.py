@@ -83,7 +83,8 @@ def train_classifier(
         logits = nnx.merge(graphdef, p)(xb, train=True, key=k2)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
 
-    opt = make_optimizer(3e-3, total_steps=steps, warmup_steps=50, weight_decay=1e-4)
+    opt = make_optimizer(3e-3, total_steps=steps, warmup_steps=min(50, steps - 1),
+                         weight_decay=1e-4)
     state = init_train_state(params, opt, jax.random.key(seed))
     step_fn = jax.jit(make_train_step(loss_fn, opt, ema_decay=0.99))
     it = BatchIterator({"x": x[train], "y": y[train]}, batch_size, seed=seed)
