@@ -1,0 +1,14 @@
+"""Flax NNX backbones. They know nothing about schedules or parameterizations."""
+
+from nets.classifier import Classifier
+from nets.unet import UNet, UNetConfig, count_params, ddpm_cifar10, small, tiny
+
+__all__ = [
+    "Classifier",
+    "UNet",
+    "UNetConfig",
+    "count_params",
+    "ddpm_cifar10",
+    "small",
+    "tiny",
+]
