@@ -57,8 +57,12 @@ def _index_grid(schedule: Schedule) -> int:
 
 
 def sample_variance(x: Array) -> Array:
-    """Per-example unbiased (ddof = 1) variance over all non-batch entries; shape ``(B,)``."""
-    flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
+    """Per-example unbiased (ddof = 1) variance over all non-batch entries; shape ``(B,)``.
+
+    Computed in at least float32 (bf16/fp16 states are upcast; float64 stays float64).
+    """
+    flat = x.reshape(x.shape[0], -1)
+    flat = flat.astype(jnp.promote_types(flat.dtype, jnp.float32))
     return jnp.var(flat, axis=1, ddof=1)
 
 
@@ -80,7 +84,9 @@ def select_shifted_time(
       above the cutoff index, or when ``window == 0``.
     """
     B = variance.shape[0]
-    t_c = jnp.broadcast_to(jnp.asarray(t_centre, dtype=variance.dtype), (B,))
+    # times keep their own (float) dtype: a float32 variance must not round float64 times
+    dt = jnp.result_type(jnp.asarray(t_centre).dtype, variance.dtype, jnp.float32)
+    t_c = jnp.broadcast_to(jnp.asarray(t_centre, dtype=dt), (B,))
     if options.window == 0:
         return t_c
     N = _index_grid(schedule)
@@ -89,13 +95,15 @@ def select_shifted_time(
     offsets = jnp.arange(-k, k + 1, dtype=jnp.int32)
     cand = centre[:, None] + offsets[None, :]  # (B, 2k + 1)
     valid = (cand >= 0) & (cand <= N - 1)
-    t_cand = (jnp.clip(cand, 0, N - 1) + 1.0) / N
-    gamma = jnp.square(schedule.sigma(t_cand.astype(variance.dtype)))
-    dist = jnp.where(valid, jnp.square(variance[:, None] - gamma), jnp.inf)
+    t_cand = (jnp.clip(cand, 0, N - 1).astype(dt) + 1.0) / N
+    gamma = jnp.square(schedule.sigma(t_cand))
+    dist = jnp.where(valid, jnp.square(variance[:, None].astype(dt) - gamma), jnp.inf)
     tau = jnp.take_along_axis(cand, jnp.argmin(dist, axis=1)[:, None], axis=1)[:, 0]
-    cutoff_index = jnp.asarray(options.cutoff) * N - 1.0
-    shift = centre.astype(variance.dtype) > cutoff_index
-    return jnp.where(shift, (tau + 1.0) / N, t_c).astype(variance.dtype)
+    # strict: centre index > cutoff index; 1e-3 absorbs the rounding of cutoff * N - 1
+    # (float32 gives 249.99998 for cutoff = 0.251, which would shift at the cutoff itself)
+    cutoff_index = jnp.asarray(options.cutoff, dt) * N - 1.0 + 1e-3
+    shift = centre.astype(dt) > cutoff_index
+    return jnp.where(shift, (tau.astype(dt) + 1.0) / N, t_c)
 
 
 def time_shift(sampler: Callable, *, window: int, cutoff: float) -> Callable:
