@@ -117,7 +117,20 @@ def _at(tree, i):
     return jax.tree.map(lambda v: v[i], tree)
 
 
-def _bdia_sample(maps: Maps, y_T, y_next, g: GridCoeffs, gamma, to_x, return_trajectory):
+def _nfe(S: int, heun_down: bool, heun_up: bool, g: GridCoeffs, first: str):
+    """Model evaluations: one per step at ``z_i`` plus the Heun predictors (none for the
+    down map onto ``t = 0``); ``first``: ``"down"`` (plain sampling step), ``"up"`` (plain
+    inversion step) or ``"pair"`` (none)."""
+    to_zero = (g.t[-1] == 0).astype(jnp.int32)
+    n = (S - 1) * (1 + heun_up + heun_down) - (heun_down * to_zero if S >= 2 else 0)
+    if first == "down":
+        n = n + 1 + heun_down * (1 - to_zero if S == 1 else 1)
+    elif first == "up":
+        n = n + 1 + heun_down
+    return n
+
+
+def _bdia_sample(maps: Maps, y_T, y_next, g: GridCoeffs, gamma, to_x, return_trajectory, nfe):
     """Sampling: ``y_{k+1} = Phi(k -> k+1 | y_k) + gamma (y_{k-1} - Phi(k -> k-1 | y_k))``."""
     S = g.t.shape[0] - 1
 
@@ -152,10 +165,10 @@ def _bdia_sample(maps: Maps, y_T, y_next, g: GridCoeffs, gamma, to_x, return_tra
         pieces.append([o[None] for o in out_last])
     x, x0, eps = (jnp.concatenate(p) for p in zip(*pieces, strict=True))
     x_start = [to_x(y_T, _at(g, 0))[None]] + ([] if outs else [to_x(y_next, _at(g, 1))[None]])
-    return x_0, {"x": jnp.concatenate([*x_start, x]), "x0": x0, "eps": eps}
+    return x_0, {"x": jnp.concatenate([*x_start, x]), "x0": x0, "eps": eps, "nfe": nfe}
 
 
-def _bdia_invert(maps: Maps, first_up, y_0, g: GridCoeffs, gamma, to_x, return_trajectory):
+def _bdia_invert(maps: Maps, first_up, y_0, g: GridCoeffs, gamma, to_x, return_trajectory, nfe):
     """Inversion: ``y_{k-1} = Phi(k -> k-1 | y_k) + (y_{k+1} - Phi(k -> k+1 | y_k)) / gamma``."""
     S = g.t.shape[0] - 1
 
@@ -185,7 +198,7 @@ def _bdia_invert(maps: Maps, first_up, y_0, g: GridCoeffs, gamma, to_x, return_t
     # states in the order of ts: x[k] at ts[k]
     up_x = jnp.concatenate([*xs, traj])[::-1] if S >= 2 else jnp.zeros((0,) + y_0.shape, y_0.dtype)
     x = jnp.concatenate([up_x, to_x(y_1, _at(g, S - 1))[None], to_x(y_0, _at(g, S))[None]])
-    return pair, {"x": x}
+    return pair, {"x": x, "nfe": nfe}
 
 
 def _first_eval_time(g: GridCoeffs):
@@ -239,7 +252,8 @@ def bdia_ddim(
         ``bdia_ddim(den, pair.x_T, ts, gamma=g, x_next=pair.x_next)``.
       key: unused (deterministic).
       return_trajectory: also return ``{"x": (S + 1, B, ...) states at ts, "x0", "eps":
-        (n, B, ...) model outputs of the n = NFE evaluations}``.
+        (n, B, ...) model outputs at the n evaluated states (n = S, or S - 1 from a pair),
+        "nfe"}``.
 
     Returns:
       ``x_0`` of shape ``x_T.shape`` (and the trajectory dict if asked).
@@ -249,8 +263,10 @@ def bdia_ddim(
     _check_gamma(gamma, invert=False)
     g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, x_T.dtype))
     gamma = jnp.asarray(gamma, x_T.dtype)
+    S = g.t.shape[0] - 1
+    nfe = _nfe(S, False, False, g, "down" if x_next is None else "pair")
     return _bdia_sample(
-        _ddim_maps(denoiser), x_T, x_next, g, gamma, lambda y, p: y, return_trajectory
+        _ddim_maps(denoiser), x_T, x_next, g, gamma, lambda y, p: y, return_trajectory, nfe
     )
 
 
@@ -274,7 +290,7 @@ def bdia_invert(
       ts: ``(S + 1,)`` the sampler's descending grid (``ts[0]`` noisiest); may end at 0, in which
         case the first inversion step evaluates the model at ``ts[-2]``.
       gamma: scalar in ``(0, 1]``, the same as for sampling.
-      return_trajectory: also return ``{"x": (S + 1, B, ...)}``, the states at ``ts``.
+      return_trajectory: also return ``{"x": (S + 1, B, ...), "nfe"}``, the states at ``ts``.
 
     Returns:
       ``BDIAPair(x_T, x_next)``: the states at ``ts[0]`` and ``ts[1]`` (and the trajectory).
@@ -288,8 +304,9 @@ def bdia_invert(
         _, eps = denoiser.predict(x, _first_eval_time(g))
         return g.alpha[-2] * (x / g.alpha[-1] + (g.sigma_bar[-2] - g.sigma_bar[-1]) * eps)
 
+    nfe = _nfe(g.t.shape[0] - 1, False, False, g, "up")
     return _bdia_invert(
-        _ddim_maps(denoiser), first_up, x_0, g, gamma, lambda y, p: y, return_trajectory
+        _ddim_maps(denoiser), first_up, x_0, g, gamma, lambda y, p: y, return_trajectory, nfe
     )
 
 
@@ -371,7 +388,8 @@ def bdia_edm(
       x_next: optional ``(B, ...)`` state ``x`` at ``ts[1]`` (from :func:`bdia_edm_invert`).
       key: unused (deterministic).
       return_trajectory: also return ``{"x": (S + 1, B, ...) states x at ts, "x0", "eps":
-        (n, B, ...) model outputs at the states}`` (``eps`` is EDM's ``d``).
+        (n, B, ...) model outputs at the n states the steps start from (n = S, or S - 1 from a
+        pair; ``eps`` is EDM's ``d``), "nfe"}``.
 
     Returns:
       ``x_0`` of shape ``x_T.shape`` (and the trajectory dict if asked).
@@ -391,6 +409,13 @@ def bdia_edm(
         gamma,
         _to_x,
         return_trajectory,
+        _nfe(
+            g.t.shape[0] - 1,
+            solver == "heun",
+            backward_solver == "heun",
+            g,
+            "down" if x_next is None else "pair",
+        ),
     )
 
 
@@ -417,7 +442,8 @@ def bdia_edm_invert(
       ts: ``(S + 1,)`` the sampler's descending grid; may end at 0.
       gamma: scalar in ``(0, 1]``, the same as for sampling.
       solver, backward_solver: the same as for sampling (static).
-      return_trajectory: also return ``{"x": (S + 1, B, ...)}``, the states ``x`` at ``ts``.
+      return_trajectory: also return ``{"x": (S + 1, B, ...), "nfe"}``: the states ``x`` at
+        ``ts`` and the model evaluations.
 
     Returns:
       ``BDIAPair(x_T, x_next)`` (and the trajectory dict if asked).
@@ -442,4 +468,5 @@ def bdia_edm_invert(
         gamma,
         _to_x,
         return_trajectory,
+        _nfe(g.t.shape[0] - 1, solver == "heun", backward_solver == "heun", g, "up"),
     )

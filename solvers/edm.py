@@ -147,7 +147,9 @@ def _edm(
     if not return_trajectory:
         return x_0
     x, x0, eps = (jnp.concatenate([a, b[None]]) for a, b in zip(traj, last, strict=True))
-    return x_0, {"x": jnp.concatenate([x_T[None], x]), "x0": x0, "eps": eps}
+    # Heun corrects every step but one onto sigma_bar = 0
+    nfe = S + (S - 1 + (g.t[-1] > 0).astype(jnp.int32) if solver == "heun" else 0)
+    return x_0, {"x": jnp.concatenate([x_T[None], x]), "x0": x0, "eps": eps, "nfe": nfe}
 
 
 def _check(denoiser, x_T, ts, method):
@@ -175,7 +177,7 @@ def edm_euler(
       ts: ``(S + 1,)`` descending times; ``ts[-1] = 0`` returns the denoised sample.
       key: unused (deterministic); accepted for the common sampler signature.
       return_trajectory: also return ``{"x": (S + 1, B, ...) states in x, "x0": (S, B, ...),
-        "eps": (S, B, ...)}`` (model outputs at each step's start).
+        "eps": (S, B, ...), "nfe": S}`` (model outputs at each step's start).
 
     Returns:
       ``x_0`` of shape ``x_T.shape`` (and the trajectory dict if asked).
@@ -206,7 +208,7 @@ def edm_heun(
       ts: ``(S + 1,)`` descending times, e.g. a Karras grid mapped to ``t``; may end at 0.
       key: unused (deterministic).
       return_trajectory: also return ``{"x": (S + 1, B, ...), "x0": (S, B, ...),
-        "eps": (S, B, ...)}`` (first evaluation of each step).
+        "eps": (S, B, ...), "nfe"}`` (model outputs of the first evaluation of each step).
 
     Returns:
       ``x_0`` of shape ``x_T.shape`` (and the trajectory dict if asked).
@@ -250,7 +252,7 @@ def edm_stochastic(
       S_noise: noise inflation (EDM's ``S_noise``, e.g. 1.003-1.007).
       solver: ``"heun"`` (Algorithm 2) or ``"euler"`` (static).
       return_trajectory: also return ``{"x": (S + 1, B, ...), "x0": (S, B, ...),
-        "eps": (S, B, ...)}`` (model outputs at ``x_hat``).
+        "eps": (S, B, ...), "nfe"}`` (model outputs at ``x_hat``).
 
     Returns:
       ``x_0`` of shape ``x_T.shape`` (and the trajectory dict if asked).

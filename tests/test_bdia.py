@@ -305,6 +305,42 @@ def test_trajectories_and_nfe():
     )
     chex.assert_shape(traj_e["x"], (7, 8, 4))
     np.testing.assert_allclose(traj_e["x"][-1], e, rtol=1e-6)
+    assert (int(traj["nfe"]), int(inv["nfe"]), int(trajb["nfe"])) == (6, 6, 5)
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_reported_nfe_counts_model_calls(S):
+    """traj["nfe"] equals the model calls made at run time (lax.cond skips Heun's correction
+    onto t = 0), for every BDIA-EDM configuration, with and without a pair, and inversion."""
+    calls = []
+    inner = _mixture().denoiser(EDM()).fn
+
+    def fn(x, t, cond):
+        jax.debug.callback(lambda: calls.append(1))
+        return inner(x, t, cond)
+
+    den = Denoiser(fn, EDM(), "eps")
+    x = jax.random.normal(jax.random.key(7), (2, 4))
+    for end in (0.0, 1e-3):
+        ts = jnp.concatenate([jnp.linspace(1.0, 0.01, S), jnp.array([end])])
+
+        @jax.jit
+        def run(x, ts=ts):
+            out = []
+            for solver, backward in (("heun", None), ("heun", "euler"), ("euler", "heun")):
+                kw = dict(solver=solver, backward_solver=backward, return_trajectory=True)
+                pair, inv = bdia_edm_invert(den, x, ts, **kw)
+                _, fwd = bdia_edm(den, x, ts, **kw)
+                _, frm = bdia_edm(den, pair.x_T, ts, x_next=pair.x_next, **kw)
+                out += [inv["nfe"], fwd["nfe"], frm["nfe"]]
+            return out
+
+        calls.clear()
+        nfe = run(x)
+        jax.effects_barrier()
+        assert sum(int(n) for n in nfe) == len(calls), (S, end, [int(n) for n in nfe])
+        if S == 3 and end == 0.0:  # documented: Heun both ways 3S - 2, backward Euler 2S - 1
+            assert (int(nfe[1]), int(nfe[4])) == (3 * S - 2, 2 * S - 1)
 
 
 def test_jit_no_retrace_vmap_grad_sharded():

@@ -124,7 +124,7 @@ def test_heun_last_step_is_euler_and_nfe(sched, prediction):
         den, x_T, ts, return_trajectory=True
     )
     jax.effects_barrier()
-    assert len(calls) == 2 * 5 - 1
+    assert len(calls) == 2 * 5 - 1 == int(traj["nfe"])
     assert not jnp.any(jnp.isnan(x0))
     np.testing.assert_allclose(x0, traj["x0"][-1], rtol=1e-5, atol=1e-5)
     if isinstance(sched, LinearVP):  # a grid ending at t_min > 0: Heun everywhere, NFE 2S
