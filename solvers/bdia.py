@@ -47,7 +47,7 @@ from solvers._common import (
     grid_coeffs,
     run_scan,
 )
-from solvers.edm import _check_solver, _denoise, _one_step, _Point
+from solvers.edm import _check_solver, _denoise, _one_step, _Point, _work_dtype
 
 Array = jax.Array
 
@@ -130,15 +130,24 @@ def _nfe(S: int, heun_down: bool, heun_up: bool, g: GridCoeffs, first: str):
     return n
 
 
-def _bdia_sample(maps: Maps, y_T, y_next, g: GridCoeffs, gamma, to_x, return_trajectory, nfe):
-    """Sampling: ``y_{k+1} = Phi(k -> k+1 | y_k) + gamma (y_{k-1} - Phi(k -> k-1 | y_k))``."""
+def _bdia_sample(
+    maps: Maps, y_T, y_next, g: GridCoeffs, gamma, *, to_x, heun, out_dtype, return_trajectory
+):
+    """Sampling: ``y_{k+1} = Phi(k -> k+1 | y_k) + gamma (y_{k-1} - Phi(k -> k-1 | y_k))``.
+
+    ``y`` are the states in the maps' variables (``to_x(y, point)`` maps back), ``heun`` the
+    pair (down, up) of "the map makes a Heun predictor evaluation", for the NFE count."""
     S = g.t.shape[0] - 1
+    nfe = _nfe(S, *heun, g, "down" if y_next is None else "pair")
+    cdt = g.t.dtype
+    y_T = y_T.astype(cdt)
+    y_next = None if y_next is None else y_next.astype(cdt)
 
     def step(carry, pts, *, last):
         y_prev, y = carry
         cur, down, up = pts
         phi_down, phi_up, out = maps(y, cur, down, up, last)
-        y_new = phi_down + gamma * (y_prev - phi_up)
+        y_new = (phi_down + gamma * (y_prev - phi_up)).astype(cdt)
         return (y, y_new), (to_x(y_new, down), *out)
 
     outs = []
@@ -157,7 +166,7 @@ def _bdia_sample(maps: Maps, y_T, y_next, g: GridCoeffs, gamma, to_x, return_tra
     if S >= 2:
         carry, out_last = step(carry, _at(triples, -1), last=True)
     y_0 = carry[1]
-    x_0 = to_x(y_0, _at(g, S))
+    x_0 = to_x(y_0, _at(g, S)).astype(out_dtype)
     if not return_trajectory:
         return x_0
     pieces = [[o[None] for o in out] for out in outs] + [list(traj)]
@@ -168,18 +177,24 @@ def _bdia_sample(maps: Maps, y_T, y_next, g: GridCoeffs, gamma, to_x, return_tra
     return x_0, {"x": jnp.concatenate([*x_start, x]), "x0": x0, "eps": eps, "nfe": nfe}
 
 
-def _bdia_invert(maps: Maps, first_up, y_0, g: GridCoeffs, gamma, to_x, return_trajectory, nfe):
-    """Inversion: ``y_{k-1} = Phi(k -> k-1 | y_k) + (y_{k+1} - Phi(k -> k+1 | y_k)) / gamma``."""
+def _bdia_invert(
+    maps: Maps, first_up, y_0, g: GridCoeffs, gamma, *, to_x, heun, out_dtype, return_trajectory
+):
+    """Inversion: ``y_{k-1} = Phi(k -> k-1 | y_k) + (y_{k+1} - Phi(k -> k+1 | y_k)) / gamma``,
+    after ``y_{S-1} = first_up(y_S)``; arguments as :func:`_bdia_sample`."""
     S = g.t.shape[0] - 1
+    nfe = _nfe(S, *heun, g, "up")
+    cdt = g.t.dtype
+    y_0 = y_0.astype(cdt)
 
     def step(carry, pts, *, last):
         y_next, y = carry
         cur, down, up = pts
         phi_down, phi_up, _ = maps(y, cur, down, up, last)
-        y_new = phi_up + (y_next - phi_down) / gamma
+        y_new = (phi_up + (y_next - phi_down) / gamma).astype(cdt)
         return (y, y_new), to_x(y_new, up)
 
-    y_1 = first_up(y_0)  # plain inversion step ts[S] -> ts[S - 1]
+    y_1 = first_up(y_0).astype(cdt)  # plain inversion step ts[S] -> ts[S - 1]
     carry, xs = (y_0, y_1), []
     triples = _triples(g)
     if S >= 2:
@@ -192,13 +207,19 @@ def _bdia_invert(maps: Maps, first_up, y_0, g: GridCoeffs, gamma, to_x, return_t
         return_trajectory=return_trajectory,
     )
     y_T, y_next = carry[1], carry[0]
-    pair = BDIAPair(to_x(y_T, _at(g, 0)), to_x(y_next, _at(g, 1)))
+    pair = BDIAPair(
+        to_x(y_T, _at(g, 0)).astype(out_dtype), to_x(y_next, _at(g, 1)).astype(out_dtype)
+    )
     if not return_trajectory:
         return pair
     # states in the order of ts: x[k] at ts[k]
     up_x = jnp.concatenate([*xs, traj])[::-1] if S >= 2 else jnp.zeros((0,) + y_0.shape, y_0.dtype)
     x = jnp.concatenate([up_x, to_x(y_1, _at(g, S - 1))[None], to_x(y_0, _at(g, S))[None]])
     return pair, {"x": x, "nfe": nfe}
+
+
+def _identity(y, p):
+    return y
 
 
 def _first_eval_time(g: GridCoeffs):
@@ -261,12 +282,18 @@ def bdia_ddim(
     del key
     _check(denoiser, x_T, ts, "bdia_ddim", "x_T", x_next)
     _check_gamma(gamma, invert=False)
-    g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, x_T.dtype))
-    gamma = jnp.asarray(gamma, x_T.dtype)
-    S = g.t.shape[0] - 1
-    nfe = _nfe(S, False, False, g, "down" if x_next is None else "pair")
+    g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, _work_dtype(x_T)))
+    gamma = jnp.asarray(gamma, g.t.dtype)
     return _bdia_sample(
-        _ddim_maps(denoiser), x_T, x_next, g, gamma, lambda y, p: y, return_trajectory, nfe
+        _ddim_maps(denoiser),
+        x_T,
+        x_next,
+        g,
+        gamma,
+        to_x=_identity,
+        heun=(False, False),
+        out_dtype=x_T.dtype,
+        return_trajectory=return_trajectory,
     )
 
 
@@ -297,16 +324,23 @@ def bdia_invert(
     """
     _check(denoiser, x_0, ts, "bdia_invert", "x_0")
     _check_gamma(gamma, invert=True)
-    g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, x_0.dtype))
-    gamma = jnp.asarray(gamma, x_0.dtype)
+    g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, _work_dtype(x_0)))
+    gamma = jnp.asarray(gamma, g.t.dtype)
 
     def first_up(x):  # plain DDIM inversion step (eps-form of the DDIM map)
         _, eps = denoiser.predict(x, _first_eval_time(g))
         return g.alpha[-2] * (x / g.alpha[-1] + (g.sigma_bar[-2] - g.sigma_bar[-1]) * eps)
 
-    nfe = _nfe(g.t.shape[0] - 1, False, False, g, "up")
     return _bdia_invert(
-        _ddim_maps(denoiser), first_up, x_0, g, gamma, lambda y, p: y, return_trajectory, nfe
+        _ddim_maps(denoiser),
+        first_up,
+        x_0,
+        g,
+        gamma,
+        to_x=_identity,
+        heun=(False, False),
+        out_dtype=x_0.dtype,
+        return_trajectory=return_trajectory,
     )
 
 
@@ -398,8 +432,8 @@ def bdia_edm(
     _check(denoiser, x_T, ts, "bdia_edm", "x_T", x_next)
     _check_gamma(gamma, invert=False)
     backward_solver = _check_solvers(solver, backward_solver)
-    g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, x_T.dtype))
-    gamma = jnp.asarray(gamma, x_T.dtype)
+    g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, _work_dtype(x_T)))
+    gamma = jnp.asarray(gamma, g.t.dtype)
     y_next = None if x_next is None else x_next / g.alpha[1]
     return _bdia_sample(
         _edm_maps(denoiser, solver, backward_solver),
@@ -407,15 +441,10 @@ def bdia_edm(
         y_next,
         g,
         gamma,
-        _to_x,
-        return_trajectory,
-        _nfe(
-            g.t.shape[0] - 1,
-            solver == "heun",
-            backward_solver == "heun",
-            g,
-            "down" if x_next is None else "pair",
-        ),
+        to_x=_to_x,
+        heun=(solver == "heun", backward_solver == "heun"),
+        out_dtype=x_T.dtype,
+        return_trajectory=return_trajectory,
     )
 
 
@@ -451,8 +480,8 @@ def bdia_edm_invert(
     _check(denoiser, x_0, ts, "bdia_edm_invert", "x_0")
     _check_gamma(gamma, invert=True)
     backward_solver = _check_solvers(solver, backward_solver)
-    g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, x_0.dtype))
-    gamma = jnp.asarray(gamma, x_0.dtype)
+    g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, _work_dtype(x_0)))
+    gamma = jnp.asarray(gamma, g.t.dtype)
 
     def first_up(x_bar):  # plain EDM step from the data up to ts[-2]
         _, d = denoiser.predict(g.alpha[-1] * x_bar, _first_eval_time(g))
@@ -466,7 +495,8 @@ def bdia_edm_invert(
         x_0 / g.alpha[-1],
         g,
         gamma,
-        _to_x,
-        return_trajectory,
-        _nfe(g.t.shape[0] - 1, solver == "heun", backward_solver == "heun", g, "up"),
+        to_x=_to_x,
+        heun=(solver == "heun", backward_solver == "heun"),
+        out_dtype=x_0.dtype,
+        return_trajectory=return_trajectory,
     )

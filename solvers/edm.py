@@ -46,6 +46,11 @@ def _edm_grid(denoiser: Denoiser, ts: Array, dtype) -> _Point:
     return _Point(c.t, c.alpha, c.sigma_bar)
 
 
+def _work_dtype(x: Array):
+    """Coefficients and state at least in float32 (bf16 would collapse ``alpha`` near 1)."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def _check_solver(solver: str, name: str = "solver") -> None:
     if solver not in SOLVERS:
         raise ValueError(f"{name} must be one of {SOLVERS}; got {solver!r}")
@@ -98,7 +103,8 @@ def _edm(
     return_trajectory: bool,
 ):
     """Algorithms 1 and 2 of EDM in ``x_bar``; ``churn = (S_churn, S_tmin, S_tmax, S_noise)``."""
-    g = _edm_grid(den, ts, x_T.dtype)
+    cdt = _work_dtype(x_T)
+    g = _edm_grid(den, ts, cdt)
     S = g.t.shape[0] - 1
     cur = _Point(*(a[:-1] for a in g))
     nxt = _Point(*(a[1:] for a in g))
@@ -106,7 +112,7 @@ def _edm(
         hat, noise_scale, keys = cur, jnp.zeros_like(cur.t), jnp.zeros((S,), jnp.uint32)
     else:
         # gamma_i = min(S_churn / S, sqrt(2) - 1) inside [S_tmin, S_tmax]
-        S_churn, S_tmin, S_tmax, S_noise = (jnp.asarray(v, x_T.dtype) for v in churn)
+        S_churn, S_tmin, S_tmax, S_noise = (jnp.asarray(v, cdt) for v in churn)
         sb = cur.sigma_bar
         gamma = jnp.where(
             (S_tmin <= sb) & (sb <= S_tmax), jnp.minimum(S_churn / S, np.sqrt(2.0) - 1.0), 0.0
@@ -133,17 +139,18 @@ def _edm(
             x_bar = x_bar + c_noise * jax.random.normal(k, x_bar.shape, x_bar.dtype)
         x0, d = _denoise(den, x_bar, p_hat)
         x_next = _one_step(den, x_bar, d, p_hat, p_nxt, solver, may_end_at_zero=last)
+        x_next = x_next.astype(cdt)
         return x_next, (p_nxt.alpha * x_next, x0, d)
 
     xs = (hat, nxt, noise_scale, keys)
     x_bar, traj = run_scan(
         lambda c, x: step(c, x, last=False),
-        x_T / g.alpha[0],
+        x_T.astype(cdt) / g.alpha[0],
         jax.tree.map(lambda a: a[:-1], xs),
         return_trajectory=return_trajectory,
     )
     x_bar, last = step(x_bar, jax.tree.map(lambda a: a[-1], xs), last=True)
-    x_0 = g.alpha[-1] * x_bar
+    x_0 = (g.alpha[-1] * x_bar).astype(x_T.dtype)
     if not return_trajectory:
         return x_0
     x, x0, eps = (jnp.concatenate([a, b[None]]) for a, b in zip(traj, last, strict=True))

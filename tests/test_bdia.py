@@ -373,9 +373,17 @@ def test_jit_no_retrace_vmap_grad_sharded():
         g_params = jax.grad(lambda p: jnp.sum(rt(p, x_T)))(params)
         v = jnp.arange(4.0)
         vjp = jax.grad(lambda x: jnp.sum(rt(params, x) * v))(x_T[:2])
-        return xs, g, g_params, vjp
+        lo = (
+            bdia_ddim(den, x_T.astype(jnp.bfloat16), ts),
+            bdia_edm(den, x_T.astype(jnp.bfloat16), ts),
+        )
+        return xs, g, g_params, vjp, lo
 
-    xs, g, g_params, vjp = transforms(x_T)
+    xs, g, g_params, vjp, lo = transforms(x_T)
+    x_lo = x_T.astype(jnp.bfloat16).astype(jnp.float32)  # the same start in float32
+    for a, b in zip(lo, run(den, x_lo, 1.0), strict=True):  # bfloat16 in and out, f32 inside
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=1e-2, atol=1e-2)
     chex.assert_shape(xs, (3, 16, 4))
     np.testing.assert_allclose(xs[1], run(den, x_T, 0.5)[0], rtol=1e-5)
     chex.assert_tree_all_finite((g, g_params))

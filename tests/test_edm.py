@@ -234,9 +234,15 @@ def test_jit_no_retrace_vmap_grad_sharded():
                 )
             )
         )(1.0)
-        return xs, g, gw
+        # a bfloat16 state: coefficients and integration in float32, bfloat16 out
+        lo = edm_heun(den, x_T.astype(jnp.bfloat16), ts)
+        return xs, g, gw, lo
 
-    xs, g, gw = transforms(x_T)
+    xs, g, gw, lo = transforms(x_T)
+    assert lo.dtype == jnp.bfloat16
+    x_lo = x_T.astype(jnp.bfloat16).astype(jnp.float32)  # the same start in float32
+    ref = run(den, x_lo, jax.random.key(0), 0.0)[0]
+    np.testing.assert_allclose(lo.astype(jnp.float32), ref, rtol=1e-2, atol=1e-2)
     chex.assert_shape(xs, (3, 16, 2))
     assert float(jnp.max(jnp.abs(xs[0] - xs[1]))) > 1e-3  # different keys, different samples
     chex.assert_tree_all_finite((g, gw))
