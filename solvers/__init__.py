@@ -1,0 +1,33 @@
+"""Samplers: one pure function per method, ``sampler(denoiser, x_T, ts, *, key, **options)``,
+each one ``lax.scan`` over a time grid made outside it (:mod:`solvers.grids`)."""
+
+from solvers import grids
+from solvers.bdia import BDIAPair, bdia_ddim, bdia_edm, bdia_edm_invert, bdia_invert
+from solvers.ddim import ddim, ddim_invert
+from solvers.ddpm import ddpm
+from solvers.dpm_solver import dpm_solver, dpm_solver_fast_orders, dpm_solver_pp
+from solvers.edm import edm_euler, edm_heun, edm_stochastic
+from solvers.pndm import pndm
+from solvers.time_shift import TimeShift, select_shifted_time, time_shift
+
+__all__ = [
+    "grids",
+    "BDIAPair",
+    "TimeShift",
+    "bdia_ddim",
+    "bdia_edm",
+    "bdia_edm_invert",
+    "bdia_invert",
+    "ddim",
+    "ddim_invert",
+    "ddpm",
+    "dpm_solver",
+    "dpm_solver_fast_orders",
+    "dpm_solver_pp",
+    "edm_euler",
+    "edm_heun",
+    "edm_stochastic",
+    "pndm",
+    "select_shifted_time",
+    "time_shift",
+]
