@@ -347,7 +347,13 @@ def _run_multistep(den, x_T, gc, k, order, data, solver_type, third_order, retur
     lam_p1 = jnp.concatenate([lam[:1], lam[: S - 1]])
     lam_p2 = jnp.concatenate([lam[:1], lam[:1], lam[: max(S - 2, 0)]])[:S]
     co = _multistep_coeffs(
-        k, lam_p2, lam_p1, _starts(gc), _ends(gc), data=data, solver_type=solver_type,
+        k,
+        lam_p2,
+        lam_p1,
+        _starts(gc),
+        _ends(gc),
+        data=data,
+        solver_type=solver_type,
         third_order=third_order,
     )
     M = _model(den, data)
@@ -386,7 +392,13 @@ def _run_multistep_ts(
         g_t = grid_coeffs(schedule, t_t)
         lam_p = [lam_hist[min(j, order - 1)] for j in (1, 2)]
         c = _multistep_coeffs(
-            k_i, lam_p[1], lam_p[0], g_s, g_t, data=False, solver_type=solver_type,
+            k_i,
+            lam_p[1],
+            lam_p[0],
+            g_s,
+            g_t,
+            data=False,
+            solver_type=solver_type,
             third_order=third_order,
         )
         x_t = _multistep_update(x, hist, c).astype(x.dtype)
@@ -394,7 +406,10 @@ def _run_multistep_ts(
 
     t0 = jnp.broadcast_to(gc.t[0], (B,))
     carry0 = (
-        x_T, t0, jnp.zeros((order,) + x_T.shape, x_T.dtype), jnp.zeros((order, B), gc.t.dtype)
+        x_T,
+        t0,
+        jnp.zeros((order,) + x_T.shape, x_T.dtype),
+        jnp.zeros((order, B), gc.t.dtype),
     )
     xs = (jnp.arange(S), gc.t[1:], k)
     (x, *_), out = run_scan(step, carry0, xs, return_trajectory=return_trajectory)
@@ -402,8 +417,21 @@ def _run_multistep_ts(
 
 
 def _dpm(
-    den, x_T, ts, *, data, order, method, solver_type, lower_order_final, denoise_to_zero,
-    third_order, nfe, time_shift, return_trajectory, name,
+    den,
+    x_T,
+    ts,
+    *,
+    data,
+    order,
+    method,
+    solver_type,
+    lower_order_final,
+    denoise_to_zero,
+    third_order,
+    nfe,
+    time_shift,
+    return_trajectory,
+    name,
 ):
     """The shared driver of :func:`dpm_solver` and :func:`dpm_solver_pp`."""
     check_denoiser(den)
@@ -421,9 +449,11 @@ def _dpm(
             )
     min_steps = order if method == "multistep" else 1
     check_grid(ts, min_steps=min_steps, method=f"{name} (method={method!r}, order={order})")
-    k = np.array(dpm_solver_orders(
-        jnp.shape(ts)[0] - 1, order, method, lower_order_final=lower_order_final, nfe=nfe
-    ))
+    k = np.array(
+        dpm_solver_orders(
+            jnp.shape(ts)[0] - 1, order, method, lower_order_final=lower_order_final, nfe=nfe
+        )
+    )
 
     cdt = jnp.promote_types(x_T.dtype, jnp.float32)
     gc = grid_coeffs(den.schedule, jnp.asarray(ts, dtype=cdt))
@@ -508,6 +538,9 @@ def dpm_solver(
     point (the step's target, the next evaluation time and the lambda-history entry), so times
     and coefficients become per-sample. ``window = 0`` is the base sampler exactly.
 
+    Every option is a static Python value (it shapes the program); :func:`dpm_solver_orders`
+    gives the per-step orders and hence the NFE.
+
     Args:
       denoiser: any :class:`~dpm.denoiser.Denoiser` (eps/x0/v; guidance composes through it).
       x_T: ``(B, ...)`` start state at ``ts[0]``.
@@ -520,8 +553,8 @@ def dpm_solver(
       lower_order_final: multistep only (see above).
       denoise_to_zero: finish with ``x0_hat(x, ts[-1])``, one more evaluation.
       third_order: multistep order 3: ``"exact"`` (default), the exponential-integrator third
-        order update, or ``"reference"``, the official code's update whose ``D2`` term is half
-        as large, which is only second order (spec §5).
+        order update, or ``"reference"``, the update of the official code and diffusers, whose
+        ``D2`` term is half the needed one, so that it is only second order.
       nfe: the evaluation budget of ``method="fast"`` (static); must be None otherwise.
       time_shift: :class:`~solvers.time_shift.TimeShift` options or None.
       return_trajectory: also return the trajectory dict.
@@ -533,16 +566,26 @@ def dpm_solver(
       ``traj["nfe"]`` the number of model evaluations.
 
     Example:
-      >>> ts = grids.uniform_log_snr(schedule, 10)
+      >>> ts = grids.uniform_log_snr(10, schedule)
       >>> x0 = jax.jit(dpm_solver, static_argnames=("order", "method"))(
       ...     den, x_T, ts, order=2, method="multistep")
     """
     del key
     return _dpm(
-        denoiser, x_T, ts, data=False, order=order, method=method, solver_type=solver_type,
-        lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero,
-        third_order=third_order, nfe=nfe, time_shift=time_shift,
-        return_trajectory=return_trajectory, name="dpm_solver",
+        denoiser,
+        x_T,
+        ts,
+        data=False,
+        order=order,
+        method=method,
+        solver_type=solver_type,
+        lower_order_final=lower_order_final,
+        denoise_to_zero=denoise_to_zero,
+        third_order=third_order,
+        nfe=nfe,
+        time_shift=time_shift,
+        return_trajectory=return_trajectory,
+        name="dpm_solver",
     )
 
 
@@ -598,8 +641,18 @@ def dpm_solver_pp(
     """
     del key
     return _dpm(
-        denoiser, x_T, ts, data=True, order=order, method=method, solver_type=solver_type,
-        lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero,
-        third_order=third_order, nfe=nfe, time_shift=None,
-        return_trajectory=return_trajectory, name="dpm_solver_pp",
+        denoiser,
+        x_T,
+        ts,
+        data=True,
+        order=order,
+        method=method,
+        solver_type=solver_type,
+        lower_order_final=lower_order_final,
+        denoise_to_zero=denoise_to_zero,
+        third_order=third_order,
+        nfe=nfe,
+        time_shift=None,
+        return_trajectory=return_trajectory,
+        name="dpm_solver_pp",
     )
