@@ -170,7 +170,7 @@ def test_stochastic_samples_the_mixture():
     """With churn at many steps the samples follow the data distribution: moments within 4
     standard errors and MMD^2 to exact samples within the spread of MMD^2 between two exact
     sample sets of the same size (the statistic's own noise floor)."""
-    gm, sched, n = _mixture(), DiscreteVP.from_name("linear"), 2000
+    gm, sched, n = _mixture(), LinearVP(), 2000
     den = gm.denoiser(sched, "eps")
     ts = _karras_ts(sched, 64)
     x_T = jax.random.normal(jax.random.key(5), (n, 2))
