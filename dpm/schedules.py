@@ -216,22 +216,30 @@ class DiscreteVP(Schedule):
     def t_min(self) -> float:
         return 1.0 / self.num_steps
 
-    def _t_grid(self) -> Array:
-        return jnp.linspace(0.0, 1.0, self.num_steps + 1)
-
     def log_alpha(self, t: Array) -> Array:
+        # Linear interpolation on the uniform grid by index arithmetic (a gather), not
+        # jnp.interp: searchsorted does not lower for per-example times sharded over devices.
         t = jnp.asarray(t)
         grid = jnp.asarray(self.log_alpha_grid, dtype=jnp.result_type(t, float))
-        return jnp.interp(t, self._t_grid().astype(grid.dtype), grid)
+        N = self.num_steps
+        u = t.astype(grid.dtype) * N
+        i = jnp.clip(jnp.floor(u), 0, N - 1).astype(jnp.int32)
+        frac = u - i
+        return grid[i] + frac * (grid[i + 1] - grid[i])
 
     def log_sigma(self, t: Array) -> Array:
         return _vp_log_sigma(self.log_alpha(t))
 
     def t_of_log_snr(self, lam: Array) -> Array:
         la = _log_alpha_from_log_snr(jnp.asarray(lam))
-        grid = jnp.asarray(self.log_alpha_grid, dtype=la.dtype)
-        # log alpha decreases with t: interpolate on the reversed (increasing) table.
-        return jnp.interp(la, grid[::-1], self._t_grid().astype(la.dtype)[::-1])
+        grid = jnp.asarray(self.log_alpha_grid, dtype=la.dtype)  # decreasing, grid[0] = 0
+        N = self.num_steps
+        # segment k with grid[k] >= la > grid[k + 1]: count the grid points above la
+        k = jnp.sum(grid[1:] >= la[..., None], axis=-1)
+        k = jnp.clip(k, 0, N - 1)
+        g0, g1 = grid[k], grid[k + 1]
+        frac = jnp.clip((g0 - la) / (g0 - g1), 0.0, 1.0)
+        return (k + frac) / N
 
     def index_of_t(self, t: Array) -> Array:
         """Continuous training index ``t * N - 1`` (grid point ``i`` <-> ``t = (i + 1) / N``)."""
