@@ -33,11 +33,14 @@ def _x_T(sched, n, dim, key=0, t=1.0):
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: type(s).__name__)
-def test_euler_is_ddim_step_for_step(sched):
-    """Spec §12.2: Euler in (x_bar, sigma_bar) with d = eps_hat is the DDIM map, float32."""
+def test_identities_on_every_schedule(sched):
+    """On DiscreteVP, LinearVP and EDM, float32, a grid ending at t = 0: Euler in (x_bar,
+    sigma_bar) with d = eps_hat is the DDIM map step for step (spec §12.2); edm_stochastic
+    without churn (S_churn = 0, or churn only outside [S_tmin, S_tmax]) is edm_heun exactly."""
     den = _mixture().denoiser(sched, "eps")
     ts = _karras_ts(sched, 8)
     x_T = _x_T(sched, 16, 2)
+    key = jax.random.key(1)
 
     @jax.jit
     def run(x_T):
@@ -46,16 +49,25 @@ def test_euler_is_ddim_step_for_step(sched):
         # closed-form DDIM map from the sampler's own state at each step
         x0_hat, eps_hat = jax.vmap(den.predict)(x[:-1], ts[:-1])
         a, s = sched.alpha(ts[1:])[:, None, None], sched.sigma(ts[1:])[:, None, None]
-        return x0, traj, a * x0_hat + s * eps_hat
+        heun = (
+            edm_heun(den, x_T, ts),
+            edm_stochastic(den, x_T, ts, key=key, S_churn=0.0),
+            edm_stochastic(den, x_T, ts, key=key, S_churn=40.0, S_tmin=1e6),
+            edm_stochastic(den, x_T, ts, key=key, S_churn=40.0),
+        )
+        return x0, traj, a * x0_hat + s * eps_hat, heun
 
-    x0, traj, ddim = run(x_T)
+    x0, traj, ddim, (heun, stoch, far, churned) = run(x_T)
     chex.assert_shape(traj["x"], (9, 16, 2))
     chex.assert_shape(traj["x0"], (8, 16, 2))
     # float32 round-off of x / alpha at sigma_bar up to ~160 (DiscreteVP): relative to the scale
     scale = jnp.abs(ddim) + sched.sigma(ts[:-1])[:, None, None]
     assert float(jnp.max(jnp.abs(traj["x"][1:] - ddim) / scale)) < 2e-5
     np.testing.assert_array_equal(x0, traj["x"][-1])
-    assert not jnp.any(jnp.isnan(x0))
+    chex.assert_tree_all_finite((x0, heun, churned))
+    np.testing.assert_array_equal(stoch, heun)
+    np.testing.assert_array_equal(far, heun)
+    assert float(jnp.max(jnp.abs(churned - heun))) > 1e-2
 
 
 def _orders(samplers, sched, gm, Ns, t0=1.0, t1=1e-2):
@@ -132,26 +144,6 @@ def test_heun_last_step_is_euler_and_nfe(sched, prediction):
         jax.jit(edm_heun)(den, x_T, ts[:-1])
         jax.effects_barrier()
         assert len(calls) == 2 * 4
-
-
-@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: type(s).__name__)
-def test_stochastic_without_churn_is_heun(sched):
-    den = _mixture().denoiser(sched, "eps")
-    ts = _karras_ts(sched, 7)
-    x_T = _x_T(sched, 8, 2)
-    key = jax.random.key(1)
-    heun, stoch, far, churned = jax.jit(
-        lambda x: (
-            edm_heun(den, x, ts),
-            edm_stochastic(den, x, ts, key=key, S_churn=0.0),
-            # churn outside [S_tmin, S_tmax] is no churn either
-            edm_stochastic(den, x, ts, key=key, S_churn=40.0, S_tmin=1e6),
-            edm_stochastic(den, x, ts, key=key, S_churn=40.0),
-        )
-    )(x_T)
-    np.testing.assert_array_equal(stoch, heun)
-    np.testing.assert_array_equal(far, heun)
-    assert float(jnp.max(jnp.abs(churned - heun))) > 1e-2
 
 
 def _mmd(x, y, bw):
