@@ -194,8 +194,8 @@ def ddim(
 
 
 def ddim_invert(denoiser: Denoiser, x_0: Array, ts: Array, *, return_trajectory: bool = False):
-    """DDIM inversion (Song et al. 2021, Sec. 4.3 / eq. 14): the deterministic DDIM map run
-    upward, encoding data into the latent at ``ts[0]``.
+    """DDIM inversion (Song et al. 2021, the encoder of their reconstruction experiments): the
+    deterministic DDIM map run upward, encoding data into the latent at ``ts[0]``.
 
     ``ts`` is the *sampling* grid (descending); the inversion walks it in reverse, from
     ``ts[-1]`` up to ``ts[0]``, with convention (A) of the DDIM paper and LDM's ``encode``:

@@ -139,19 +139,30 @@ def uniform_log_snr(n_steps: int, schedule: Schedule, *, t_start: float = 1.0, t
     t_start, t_end = _ends(schedule, t_start, t_end)
     if t_end <= 0.0:
         raise ValueError(f"uniform_log_snr needs t_end > 0 (log_snr(0) = inf); got {t_end!r}")
-    return _log_snr_grid(n_steps, schedule, _as_ts(t_start), _as_ts(t_end))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _log_snr_grid(n_steps: int, schedule: Schedule, t_start: Array, t_end: Array) -> Array:
-    lam = jnp.linspace(schedule.log_snr(t_start), schedule.log_snr(t_end), n_steps + 1)
-    ts = jnp.clip(schedule.t_of_log_snr(lam), t_end, t_start)
-    return ts.at[0].set(t_start).at[-1].set(t_end)
+    lo, hi = _log_snr_ends(schedule, _as_ts(t_start), _as_ts(t_end))
+    lam = np.linspace(float(lo), float(hi), n_steps + 1)
+    ts = np.clip(_on_host_grid("t_of_log_snr", schedule, lam), t_end, t_start)
+    ts[0], ts[-1] = t_start, t_end
+    return _as_ts(ts)
 
 
 @jax.jit
-def _t_of_sigma_bar(schedule: Schedule, sigma_bar: Array) -> Array:
-    return jnp.clip(schedule.t_of_sigma_bar(sigma_bar), 0.0, 1.0)
+def _log_snr_ends(schedule: Schedule, t_start: Array, t_end: Array):
+    return schedule.log_snr(t_start), schedule.log_snr(t_end)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(method: str, schedule: Schedule, a: Array) -> Array:
+    return getattr(schedule, method)(a)
+
+
+def _on_host_grid(method: str, schedule: Schedule, a: np.ndarray) -> np.ndarray:
+    """``schedule.<method>(a)`` for a 1-D host array, padded to a power-of-two length so that
+    one compilation serves many step counts."""
+    n = a.shape[0]
+    size = max(16, 1 << (n - 1).bit_length())
+    padded = np.concatenate([a, np.full(size - n, a[-1])])
+    return np.asarray(_apply(method, schedule, _as_ts(padded)), np.float64)[:n]
 
 
 def karras(
@@ -199,12 +210,12 @@ def karras(
     ramp = np.linspace(0.0, 1.0, M)
     inv_max, inv_min = s_max ** (1.0 / rho), s_min ** (1.0 / rho)
     sigma_bar = (inv_max + ramp * (inv_min - inv_max)) ** rho
-    ts = _t_of_sigma_bar(schedule, _as_ts(sigma_bar))
+    ts = np.clip(_on_host_grid("t_of_sigma_bar", schedule, sigma_bar), 0.0, 1.0)
     if sigma_max is None:
-        ts = ts.at[0].set(1.0)
+        ts[0] = 1.0
     if append_zero:
-        ts = jnp.concatenate([ts, jnp.zeros((1,), ts.dtype)])
-    return ts
+        ts = np.append(ts, 0.0)
+    return _as_ts(ts)
 
 
 # --------------------------------------------------------------------------------------------

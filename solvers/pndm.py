@@ -59,7 +59,7 @@ def pndm(
     time_shift: TimeShift | None = None,
     return_trajectory: bool = False,
 ):
-    """PNDM sampling (Liu et al. 2022, Alg. 2): F-PNDM, S-PNDM or PLMS (see module docstring).
+    """PNDM sampling (Liu et al., ICLR 2022): F-PNDM, S-PNDM or PLMS (see the module docstring).
 
     Warm-up: F-PNDM uses ``min(3, S)`` pseudo-RK4 steps (with S <= 3 every step is a pseudo-RK4
     step: NFE ``4 S``); S-PNDM and PLMS one pseudo improved-Euler step. Each phase is one

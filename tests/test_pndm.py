@@ -19,6 +19,13 @@ from dpm.schedules import EDM, DiscreteVP, LinearVP
 from solvers import grids
 from solvers.pndm import pndm
 
+# Tiny programs: XLA's backend optimisations and fusion emitters cost more compile time than
+# they save (about 3x faster compiles here; the numerics are unchanged up to rounding).
+jit = functools.partial(
+    jax.jit,
+    compiler_options={"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
+)
+
 VARIANTS = ("f-pndm", "s-pndm", "plms")
 MU = jnp.array([0.5, -1.0])
 
@@ -26,12 +33,17 @@ MU = jnp.array([0.5, -1.0])
 @functools.cache
 def batched(variant):
     """``pndm`` jitted and vmapped over a stack of grids of equal length (one compile each)."""
-    return jax.jit(
+    return jit(
         jax.vmap(
             functools.partial(pndm, variant=variant, return_trajectory=True),
             in_axes=(None, None, 0),
         )
     )
+
+
+def randn(*shape, seed=0):
+    """Test inputs from numpy (no per-shape compilation of jax.random)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape))
 
 
 def slope(steps, errs):
@@ -67,7 +79,7 @@ def _three_grids(sched, S):
 def test_convergence_order(x64, variant, steps, orders):
     sched = LinearVP()
     gm = GaussianMixture.gaussian(MU, 0.5)
-    x_T = jax.random.normal(jax.random.key(0), (4, 2))
+    x_T = randn(4, 2)
     errs = []
     for S in steps:
         ts = _three_grids(sched, S)
@@ -105,8 +117,8 @@ def _poly_integral(coef, t0, t1):  # int_{sigma(t0)}^{sigma(t1)} p d sigma, sigm
 @pytest.mark.parametrize("variant, exact_degree", [("f-pndm", 3), ("s-pndm", 1), ("plms", 1)])
 def test_pseudo_weights_exact_on_polynomials(x64, variant, exact_degree):
     x_T = jnp.array([[1.0, -2.0]])
-    run = jax.jit(functools.partial(pndm, variant=variant))
-    for S in (2, 7):  # all warm-up (F-PNDM), and warm-up plus multistep
+    run = jit(functools.partial(pndm, variant=variant))
+    for S in (7,):  # warm-up and multistep (AB2, AB3, AB4 for PLMS)
         ts = grids.uniform_time(S, t_start=1.0, t_end=0.25)
         for degree in (exact_degree, exact_degree + 1):
             coef = np.array([0.7, -1.3, 2.1, -0.9, 1.7])
@@ -126,20 +138,25 @@ def test_pseudo_weights_exact_on_polynomials(x64, variant, exact_degree):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_point_mass_exact_and_nfe(x64, variant):
+    """Spec §12.3: eps_hat is constant along exact trajectories of point-mass data, so every
+    variant is exact. Small S: warm-up only, with a warm-up step into t = 0."""
     pm = GaussianMixture.gaussian(MU, 0.0)
     sched = LinearVP()
-    x_T = jax.random.normal(jax.random.key(0), (3, 2))
-    for S in (2, 5):
-        # one grid into t = 0 (a warm-up step ends there for S = 2), one ending at t_min
-        ts = jnp.stack([grids.uniform_time(S), grids.uniform_time(S, sched)])
+    x_T = randn(4, 2)
+    small = 2 if variant == "f-pndm" else 1
+    for S in (small, 20 if variant == "s-pndm" else 80):  # the latter shares the order test's
+        ts = jnp.stack(
+            [grids.uniform_time(S), grids.uniform_time(S, sched), grids.uniform_log_snr(S, sched)]
+        )
         x0, traj = batched(variant)(pm.denoiser(sched), x_T, ts)
-        np.testing.assert_allclose(x0[0], jnp.broadcast_to(MU, (3, 2)), atol=1e-10)
-        eps_T = (x_T - sched.alpha(ts[1, 0]) * MU) / sched.sigma(ts[1, 0])
-        want = sched.alpha(ts[1, -1]) * MU + sched.sigma(ts[1, -1]) * eps_T
-        np.testing.assert_allclose(x0[1], want, atol=1e-12)
+        np.testing.assert_allclose(x0[0], jnp.broadcast_to(MU, (4, 2)), atol=1e-10)  # t = 0
+        for j in (1, 2):  # ending at t_min: the forward-process point alpha mu + sigma eps_T
+            eps_T = (x_T - sched.alpha(ts[j, 0]) * MU) / sched.sigma(ts[j, 0])
+            want = sched.alpha(ts[j, -1]) * MU + sched.sigma(ts[j, -1]) * eps_T
+            np.testing.assert_allclose(x0[j], want, atol=1e-11)
         nfe = {"f-pndm": S + 3 * min(S, 3), "s-pndm": S + 1, "plms": S + 1}[variant]
         assert int(traj["nfe"][0]) == nfe
-        chex.assert_shape([traj["x"], traj["eps"]], [(2, S + 1, 3, 2), (2, S, 3, 2)])
+        chex.assert_shape([traj["x"], traj["eps"]], [(3, S + 1, 4, 2), (3, S, 4, 2)])
         np.testing.assert_array_equal(traj["x"][:, -1], x0)
 
 
@@ -155,7 +172,7 @@ def test_nfe_counts_model_calls():
     ts = grids.ddim_uniform(6, den.schedule)
     for variant, nfe in (("f-pndm", 6 + 9), ("s-pndm", 6 + 1), ("plms", 6 + 1)):
         calls.clear()
-        _, traj = jax.jit(functools.partial(pndm, variant=variant, return_trajectory=True))(
+        _, traj = jit(functools.partial(pndm, variant=variant, return_trajectory=True))(
             den, jnp.ones((2, 3)), ts
         )
         jax.effects_barrier()
@@ -172,18 +189,18 @@ def test_jit_no_retrace_grad_and_sharding(x64):
     sched = DiscreteVP.from_name("linear")
     den = gm.denoiser(sched)
 
-    @jax.jit
+    @jit
     @chex.assert_max_traces(n=1)
     def run(den, x, ts):
         return pndm(den, x, ts, variant="f-pndm")
 
-    x = jax.random.normal(jax.random.key(0), (16, 2))
+    x = randn(16, 2)
     for k in range(2):
         run(den, x + k, grids.ddim_uniform(6, sched, offset=k))
     ts = grids.ddim_uniform(6, sched)
-    run = jax.jit(functools.partial(pndm, variant="f-pndm"))  # retraces below are expected
+    run = jit(functools.partial(pndm, variant="f-pndm"))  # retraces below are expected
     # grad w.r.t. x_T: the Gaussian oracle makes the sampler affine, finite differences exact
-    g = jax.grad(lambda x: jnp.sum(run(den, x, ts)))(x)
+    g = jit(jax.grad(lambda x: jnp.sum(pndm(den, x, ts, variant="f-pndm"))))(x)
     e = jnp.zeros_like(x).at[3, 1].set(1e-3)
     fd = (jnp.sum(run(den, x + e, ts)) - jnp.sum(run(den, x, ts))) / 1e-3
     np.testing.assert_allclose(g[3, 1], fd, rtol=1e-8)
@@ -199,7 +216,7 @@ def test_program_size_independent_of_step_count(variant):
     den = GaussianMixture.gaussian(MU, 0.5).denoiser(LinearVP())
 
     def text(S):
-        f = jax.jit(functools.partial(pndm, den, variant=variant))
+        f = jit(functools.partial(pndm, den, variant=variant))
         return re.sub(r"\d+", "N", f.lower(jnp.ones((2, 2)), grids.uniform_time(S)).as_text())
 
     assert text(10) == text(100)
