@@ -433,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for name in args.problems
         ]
     results = dict(
-        config={k: v for k, v in vars(args).items()},
+        config=dict(vars(args)),
         backend=jax.default_backend(),
         device=str(jax.devices()[0]),
         problems=problems,
