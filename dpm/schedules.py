@@ -14,6 +14,7 @@ function; all methods work on scalars and arrays, under ``jit``, ``vmap`` and ``
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Literal
@@ -62,20 +63,25 @@ def _log_alpha_from_log_snr(lam: Array) -> Array:
     return 0.5 * jax.nn.log_sigmoid(lam)
 
 
-class Schedule:
-    """Common interface. Subclasses implement ``log_alpha``, ``log_sigma`` and ``t_of_log_snr``."""
+class Schedule(abc.ABC):
+    """Common interface. Subclasses implement ``log_alpha``, ``log_sigma``, ``t_of_log_snr``
+    and ``c_noise``; everything else derives from them."""
 
-    def log_alpha(self, t: Array) -> Array:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def log_alpha(self, t: Array) -> Array:
+        """``log alpha(t)``."""
 
-    def log_sigma(self, t: Array) -> Array:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def log_sigma(self, t: Array) -> Array:
+        """``log sigma(t)``."""
 
-    def t_of_log_snr(self, lam: Array) -> Array:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def t_of_log_snr(self, lam: Array) -> Array:
+        """The time whose ``log_snr`` is ``lam`` (inverse of :meth:`log_snr`)."""
 
-    def c_noise(self, t: Array) -> Array:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def c_noise(self, t: Array) -> Array:
+        """The scalar a backbone is conditioned on at time ``t``."""
 
     # Derived quantities, shared by every schedule.
     def alpha(self, t: Array) -> Array:
