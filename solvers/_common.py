@@ -27,6 +27,7 @@ __all__ = [
     "grid_coeffs",
     "ddim_map",
     "run_scan",
+    "finish",
 ]
 
 
@@ -126,3 +127,13 @@ def run_scan(
         return c, None
 
     return jax.lax.scan(no_out, carry, xs)
+
+
+def finish(x_start: Array, x_end: Array, traj: Any, nfe: int, *, return_trajectory: bool):
+    """A sampler's return value: ``x_end``, or ``(x_end, traj)`` with the start state prepended
+    to ``traj["x"]`` (all ``S + 1`` states) and the number of network evaluations."""
+    if not return_trajectory:
+        return x_end
+    traj["x"] = jnp.concatenate([x_start[None], traj["x"]])
+    traj["nfe"] = jnp.asarray(nfe)
+    return x_end, traj

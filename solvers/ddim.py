@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dpm.denoiser import Denoiser, expand_like
-from solvers._common import check_denoiser, check_grid, check_x, require_key, run_scan
+from solvers._common import check_denoiser, check_grid, check_x, finish, require_key, run_scan
 from solvers.time_shift import TimeShift, sample_variance, select_shifted_time
 
 Array = jax.Array
@@ -186,11 +186,7 @@ def ddim(
         return x_next, out
 
     x_0, traj = run_scan(step, x_T, xs, return_trajectory=return_trajectory)
-    if not return_trajectory:
-        return x_0
-    traj["x"] = jnp.concatenate([x_T[None], traj["x"]])
-    traj["nfe"] = jnp.asarray(S)
-    return x_0, traj
+    return finish(x_T, x_0, traj, S, return_trajectory=return_trajectory)
 
 
 def ddim_invert(denoiser: Denoiser, x_0: Array, ts: Array, *, return_trajectory: bool = False):
@@ -235,8 +231,4 @@ def ddim_invert(denoiser: Denoiser, x_0: Array, ts: Array, *, return_trajectory:
         return x_next, dict(x=x_next, eps=eps)
 
     x_T, traj = run_scan(step, x_0, (s, c_x, c_eps), return_trajectory=return_trajectory)
-    if not return_trajectory:
-        return x_T
-    traj["x"] = jnp.concatenate([x_0[None], traj["x"]])
-    traj["nfe"] = jnp.asarray(s.shape[0])
-    return x_T, traj
+    return finish(x_0, x_T, traj, s.shape[0], return_trajectory=return_trajectory)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from dpm.denoiser import Denoiser, expand_like
-from solvers._common import check_denoiser, check_grid, check_x, require_key, run_scan
+from solvers._common import check_denoiser, check_grid, check_x, finish, require_key, run_scan
 from solvers.ddim import _logs, _shift_target, _uses_shift, _work_dtype
 from solvers.time_shift import TimeShift
 
@@ -107,8 +107,4 @@ def ddpm(
         return x_next, out
 
     x_0, traj = run_scan(step, x_T, xs, return_trajectory=return_trajectory)
-    if not return_trajectory:
-        return x_0
-    traj["x"] = jnp.concatenate([x_T[None], traj["x"]])
-    traj["nfe"] = jnp.asarray(S)
-    return x_0, traj
+    return finish(x_T, x_0, traj, S, return_trajectory=return_trajectory)

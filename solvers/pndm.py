@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dpm.denoiser import Denoiser, expand_like
-from solvers._common import check_denoiser, check_grid, check_x, run_scan
+from solvers._common import check_denoiser, check_grid, check_x, finish, run_scan
 from solvers.ddim import _shift_target, _transfer, _transfer_coeffs, _uses_shift, _work_dtype
 from solvers.time_shift import TimeShift
 
@@ -172,9 +172,5 @@ def pndm(
         )
         if return_trajectory:
             traj = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), traj, traj_ms)
-    x_0 = carry[0]
-    if not return_trajectory:
-        return x_0
-    traj["x"] = jnp.concatenate([x_T[None], traj["x"]])
-    traj["nfe"] = jnp.asarray(S + (3 if rk4 else 1) * W)
-    return x_0, traj
+    nfe = S + (3 if rk4 else 1) * W
+    return finish(x_T, carry[0], traj, nfe, return_trajectory=return_trajectory)
