@@ -33,6 +33,7 @@ from dpm.train import (
     make_lr_schedule,
     make_optimizer,
     make_train_step,
+    warmup_ema_decay,
 )
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "replicate",
     "replicated",
     "shard_batch",
+    "warmup_ema_decay",
     "PREDICTIONS",
     "TIME_SAMPLERS",
     "WEIGHTINGS",

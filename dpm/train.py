@@ -33,6 +33,7 @@ from dpm.parallel import batch_sharding, replicated
 __all__ = [
     "TrainState",
     "edm_ema_decay",
+    "warmup_ema_decay",
     "ema_update",
     "init_train_state",
     "jit_train_step",
@@ -196,6 +197,17 @@ def ema_update(ema_params: PyTree, params: PyTree, decay: float | jax.Array) -> 
         return (decay * e + (1 - decay) * p).astype(e.dtype)
 
     return jax.tree.map(lerp, ema_params, params)
+
+
+def warmup_ema_decay(step: jax.Array, decay: float, *, warmup: float = 10.0) -> jax.Array:
+    """EMA decay with warm-up, ``min(decay, (1 + step) / (warmup + step))``.
+
+    A constant decay keeps a weight ``decay**n`` on the initial parameters after ``n`` updates
+    (22 % after 1500 steps at 0.999); the warm-up lets early averages follow the parameters.
+    Use as ``make_train_step(..., ema_decay=functools.partial(warmup_ema_decay, decay=0.999))``.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (warmup + step))
 
 
 def edm_ema_decay(

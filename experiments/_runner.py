@@ -5,6 +5,7 @@ a progress bar, JSON-lines metrics and periodic PNG sample grids."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -20,7 +21,14 @@ import nets
 from dpm.checkpoint import Checkpointer
 from dpm.data import BatchIterator, make_dataset
 from dpm.parallel import make_mesh, replicate, shard_batch
-from dpm.train import TrainState, init_train_state, jit_train_step, make_optimizer, make_train_step
+from dpm.train import (
+    TrainState,
+    init_train_state,
+    jit_train_step,
+    make_optimizer,
+    make_train_step,
+    warmup_ema_decay,
+)
 from experiments import _io
 from experiments._model import build_unet, make_denoiser, make_loss, make_schedule, unet_config
 
@@ -123,7 +131,8 @@ def train_denoiser(
     state = replicate(init_train_state(params, optimizer, jax.random.key(config.seed)), mesh)
     loss = make_loss(graphdef, schedule, config.diffusion, num_classes=ucfg.num_classes,
                      label_dropout=config.model.label_dropout)
-    step_fn = jit_train_step(make_train_step(loss, optimizer, ema_decay=o.ema_decay), mesh)
+    ema = functools.partial(warmup_ema_decay, decay=o.ema_decay)
+    step_fn = jit_train_step(make_train_step(loss, optimizer, ema_decay=ema), mesh)
 
     metrics_log = _io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.train.ckpt_every,

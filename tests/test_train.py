@@ -332,3 +332,18 @@ def test_loss_must_be_per_example():
         make_train_step(scalar_loss, opt)(state, make_batch(0))
     with pytest.raises(ValueError, match="grad_accum_steps"):
         make_train_step(regression_loss, opt, grad_accum_steps=0)
+
+
+def test_warmup_ema_decay_forgets_the_initial_parameters():
+    from dpm.train import warmup_ema_decay
+
+    steps = jnp.arange(3000)
+    d = warmup_ema_decay(steps, 0.999)
+    np.testing.assert_allclose(d[0], 0.1)
+    np.testing.assert_allclose(d[-1], 3000 / 3009, rtol=1e-6)
+    np.testing.assert_allclose(warmup_ema_decay(10**6, 0.999), 0.999)
+    assert bool(jnp.all(jnp.diff(d) >= 0))
+    # weight left on the initial parameters after 1500 updates: prod of decays
+    w_warm = float(jnp.prod(d[:1500]))
+    w_const = 0.999**1500
+    assert w_const > 0.2 and w_warm < 1e-3 * w_const
