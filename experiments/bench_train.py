@@ -29,11 +29,9 @@ import nets
 from dpm.parallel import make_mesh, replicate, shard_batch
 from dpm.train import init_train_state, jit_train_step, make_optimizer, make_train_step
 from experiments import _io
-from experiments._model import _DTYPES, make_loss
+from experiments._model import _DTYPES, _PRESETS, make_loss
 from solvers.dpm_solver import dpm_solver_pp
 from solvers.grids import uniform_time
-
-_PRESETS = {"tiny": nets.tiny, "small": nets.small, "ddpm_cifar10": nets.ddpm_cifar10}
 
 
 def unet_from_args(args) -> nets.UNetConfig:
