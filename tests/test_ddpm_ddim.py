@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fastjit import jit
 from jax.scipy.special import ndtr
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -21,13 +22,6 @@ from dpm.schedules import DiscreteVP, LinearVP
 from solvers import grids
 from solvers.ddim import ddim, ddim_invert
 from solvers.ddpm import ddpm
-
-# Tiny programs: XLA's backend optimisations and fusion emitters cost more compile time than
-# they save (about 3x faster compiles here; the numerics are unchanged up to rounding).
-jit = functools.partial(
-    jax.jit,
-    compiler_options={"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
-)
 
 LINEAR = DiscreteVP.from_name("linear")
 MU = jnp.array([0.5, -1.0])

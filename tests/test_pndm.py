@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fastjit import jit
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
@@ -18,13 +19,6 @@ from dpm.oracle import GaussianMixture
 from dpm.schedules import EDM, DiscreteVP, LinearVP
 from solvers import grids
 from solvers.pndm import pndm
-
-# Tiny programs: XLA's backend optimisations and fusion emitters cost more compile time than
-# they save (about 3x faster compiles here; the numerics are unchanged up to rounding).
-jit = functools.partial(
-    jax.jit,
-    compiler_options={"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
-)
 
 VARIANTS = ("f-pndm", "s-pndm", "plms")
 MU = jnp.array([0.5, -1.0])
