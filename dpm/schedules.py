@@ -32,7 +32,6 @@ __all__ = [
     "CosineVP",
     "EDM",
     "make_betas",
-    "get_schedule",
 ]
 
 
@@ -382,24 +381,3 @@ class EDM(Schedule):
         """EDM's ``c_noise = log(sigma) / 4`` (finite floor at ``t = 0``)."""
         sigma = jnp.maximum(jnp.asarray(t) * self.sigma_max, 1e-20)
         return 0.25 * jnp.log(sigma)
-
-
-def get_schedule(name: str, **kwargs) -> Schedule:
-    """Builds a schedule by name: ``"linear" | "scaled_linear" | "cosine"`` (discrete DDPM, N =
-    ``num_steps``), ``"vp_linear"`` (continuous), ``"vp_cosine"`` (continuous) or ``"edm"``.
-
-    Experiments use this to turn a config string into a schedule; library code passes
-    schedule objects.
-    """
-    if name in ("linear", "scaled_linear", "cosine"):
-        return DiscreteVP.from_name(name, **kwargs)
-    if name == "vp_linear":
-        return LinearVP(**kwargs)
-    if name == "vp_cosine":
-        return CosineVP(**kwargs)
-    if name == "edm":
-        return EDM(**kwargs)
-    raise ValueError(
-        "schedule name must be one of 'linear', 'scaled_linear', 'cosine', 'vp_linear', "
-        f"'vp_cosine', 'edm'; got {name!r}"
-    )

@@ -13,6 +13,7 @@ from jax.tree_util import Partial
 
 import dpm
 import nets
+from experiments.registry import get_schedule
 
 _PRESETS = {"tiny": nets.tiny, "small": nets.small, "ddpm_cifar10": nets.ddpm_cifar10}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -58,7 +59,7 @@ def _apply_train(graphdef, key, params, x, noise_level, cond):
 def make_schedule(diffusion: ml_collections.ConfigDict) -> dpm.Schedule:
     kw = {"num_steps": diffusion.num_steps} if diffusion.schedule in (
         "linear", "scaled_linear", "cosine") else {}
-    return dpm.get_schedule(diffusion.schedule, **kw)
+    return get_schedule(diffusion.schedule, **kw)
 
 
 def make_denoiser(

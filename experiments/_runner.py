@@ -18,19 +18,22 @@ from flax import nnx
 
 import dpm
 import nets
-from dpm.checkpoint import Checkpointer
-from dpm.data import BatchIterator, make_dataset
-from dpm.parallel import make_mesh, replicate, shard_batch
-from dpm.train import (
+from dpm.data import BatchIterator
+from dpm.training import (
+    Checkpointer,
     TrainState,
     init_train_state,
     jit_train_step,
+    make_mesh,
     make_optimizer,
     make_train_step,
+    replicate,
+    shard_batch,
     warmup_ema_decay,
 )
 from experiments import _io
 from experiments._model import build_unet, make_denoiser, make_loss, make_schedule, unet_config
+from experiments.registry import make_dataset
 
 
 @dataclasses.dataclass

@@ -47,6 +47,7 @@ import numpy as np
 import dpm
 from dpm.metrics import mmd_rbf
 from experiments import _io
+from experiments.registry import get_schedule
 from solvers import grids
 from solvers.bdia import bdia_ddim, bdia_edm
 from solvers.ddim import ddim
@@ -223,7 +224,7 @@ def _x0_and_nfe(m: Method, ts: jax.Array, nfe: int) -> Callable:
 
 def run_problem(name: str, args, methods: Sequence[Method], progress=None) -> dict:
     gm = PROBLEMS[name]()
-    schedule = dpm.get_schedule(args.schedule)
+    schedule = get_schedule(args.schedule)
     den = gm.denoiser(schedule, "eps")
     n = args.num_samples
     k_T, k_data, k_floor, k_run = jax.random.split(jax.random.key(args.seed), 4)
@@ -401,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument(
         "--schedule",
         default=None,
-        help="dpm.get_schedule name (default: linear, the discrete DDPM schedule)",
+        help="experiments.registry.get_schedule name (default: linear, the discrete DDPM schedule)",
     )
     p.add_argument("--ref-steps", type=int, default=None, help="RK4 steps of the reference")
     p.add_argument("--reps", type=int, default=None, help="timed runs per sampler (best kept)")

@@ -26,8 +26,15 @@ from jax.tree_util import Partial
 
 import dpm
 import nets
-from dpm.parallel import make_mesh, replicate, shard_batch
-from dpm.train import init_train_state, jit_train_step, make_optimizer, make_train_step
+from dpm.training import (
+    init_train_state,
+    jit_train_step,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    replicate,
+    shard_batch,
+)
 from experiments import _io
 from experiments._model import _DTYPES, _PRESETS, make_loss
 from solvers.dpm_solver import dpm_solver_pp

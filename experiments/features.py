@@ -19,10 +19,9 @@ import optax
 from flax import nnx
 
 import nets
-from dpm.checkpoint import Checkpointer
 from dpm.data import BatchIterator
 from dpm.metrics import frechet_distance_from_features
-from dpm.train import init_train_state, make_optimizer, make_train_step
+from dpm.training import Checkpointer, init_train_state, make_optimizer, make_train_step
 
 
 @dataclasses.dataclass

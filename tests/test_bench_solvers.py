@@ -14,7 +14,7 @@ def test_reference_flow_matches_the_closed_form_flow(x64):
     """The RK4 reference against the exact flow of a single Gaussian (std != 1), float64
     (measured: 1e-8 at 256 steps, 4e-11 at 1024: fourth order)."""
     gm = dpm.GaussianMixture.gaussian(jnp.array([0.5, -1.0]), 0.3)
-    sched = dpm.get_schedule("linear")
+    sched = dpm.DiscreteVP.from_name("linear")
     x_T = gm.sample_marginal(jax.random.key(0), sched, 1.0, 8)
     ref = bench_solvers.reference_flow(gm, sched, x_T, 1024)
     np.testing.assert_allclose(ref, gm.flow(sched, x_T, 1.0, 0.0), atol=1e-9)

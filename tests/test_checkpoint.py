@@ -11,9 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpm.checkpoint import Checkpointer
-from dpm.parallel import make_mesh, replicated
-from dpm.train import init_train_state, jit_train_step, make_optimizer, make_train_step
+from dpm.training import (
+    Checkpointer,
+    init_train_state,
+    jit_train_step,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    replicated,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"model": {"width": 8}, "lr": 0.01, "seed": 0}
@@ -213,7 +219,7 @@ CRASH_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import jax, numpy as np
     from orbax.checkpoint._src.path import async_path
-    from dpm.checkpoint import Checkpointer
+    from dpm.training import Checkpointer
 
     state = {{"w": jax.numpy.arange(6.0), "step": jax.numpy.int32(0)}}
     ckpt = Checkpointer({directory!r}, keep=3)

@@ -16,12 +16,12 @@ from dpm.data import (
     load_image_folder,
     load_lfw_faces,
     load_npz,
-    make_dataset,
     resize_images,
     skimage_patches,
     toy_2d,
     toy_2d_mixture,
 )
+from experiments.registry import make_dataset
 
 
 def _toy_arrays(n=37):

@@ -10,7 +10,7 @@ from jax.tree_util import Partial
 import dpm
 from dpm.data import BatchIterator, toy_2d, toy_2d_mixture
 from dpm.metrics import mmd_rbf
-from dpm.train import init_train_state, make_optimizer, make_train_step
+from dpm.training import init_train_state, make_optimizer, make_train_step
 from nets.mlp import MLP
 from solvers.dpm_solver import dpm_solver_pp
 from solvers.grids import uniform_time

@@ -10,10 +10,8 @@ from dpm import (
     DiscreteVP,
     GaussianMixture,
     LinearVP,
-    denoising_loss,
-    log_weight,
-    sample_time,
 )
+from dpm.losses import denoising_loss, log_weight, sample_time
 
 
 def test_weightings_closed_form(x64):

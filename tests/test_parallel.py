@@ -7,17 +7,20 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from dpm import parallel
-from dpm.parallel import (
+from dpm.training import (
     batch_sharding,
+    init_train_state,
     initialize_distributed,
+    jit_train_step,
     make_mesh,
+    make_optimizer,
+    make_train_step,
     process_batch_size,
     replicate,
     replicated,
     shard_batch,
 )
-from dpm.train import init_train_state, jit_train_step, make_optimizer, make_train_step
+from dpm.training import sharding as parallel
 
 N_DEVICES = 8
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpm.train import (
+from dpm.training import (
     TrainState,
     edm_ema_decay,
     ema_update,
@@ -335,7 +335,7 @@ def test_loss_must_be_per_example():
 
 
 def test_warmup_ema_decay_forgets_the_initial_parameters():
-    from dpm.train import warmup_ema_decay
+    from dpm.training import warmup_ema_decay
 
     steps = jnp.arange(3000)
     d = warmup_ema_decay(steps, 0.999)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from dpm.parallel import batch_sharding, replicated
+from dpm.training.sharding import batch_sharding, replicated
 
 __all__ = [
     "TrainState",
@@ -422,7 +422,7 @@ def jit_train_step(
 
     With a mesh the state, the extra arguments (e.g. teacher parameters) and the outputs are
     replicated and every batch leaf is split along its leading axis over the ``"data"`` axis (see
-    ``dpm.parallel``); the compiler inserts the gradient all-reduce. Without one it is a plain
+    ``dpm.training.sharding``); the compiler inserts the gradient all-reduce. Without one it is a plain
     ``jax.jit``.
 
     Args:

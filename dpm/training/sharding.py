@@ -8,7 +8,7 @@ Typical use::
 
     mesh = make_mesh()
     state = replicate(state, mesh)
-    step = jit_train_step(train_step, mesh)       # dpm.train
+    step = jit_train_step(train_step, mesh)       # dpm.training
     state, metrics = step(state, shard_batch(host_batch, mesh))
 """
 

@@ -1,0 +1,32 @@
+"""Data: the resumable batch iterator and the data sources, one module per source.
+
+A data set is a dict of numpy arrays sharing the leading dimension N (``"x"`` for the data,
+``"y"`` for integer labels where there are any). Images are NHWC float32 in ``[-1, 1]``.
+Nothing is downloaded: every built-in source is made here or ships inside a pip package.
+"""
+
+from dpm.data.bundled import SKIMAGE_COLOR_IMAGES, SKIMAGE_GRAY_IMAGES, skimage_patches
+from dpm.data.digits import load_digits
+from dpm.data.faces import load_lfw_faces
+from dpm.data.files import IMAGE_EXTENSIONS, folder_class_names, load_image_folder, load_npz
+from dpm.data.iterator import BatchIterator
+from dpm.data.toy import TOY_2D_NAMES, gaussian_mixture_samples, toy_2d, toy_2d_mixture
+from dpm.data.transforms import resize_images
+
+__all__ = [
+    "BatchIterator",
+    "IMAGE_EXTENSIONS",
+    "SKIMAGE_COLOR_IMAGES",
+    "SKIMAGE_GRAY_IMAGES",
+    "TOY_2D_NAMES",
+    "folder_class_names",
+    "gaussian_mixture_samples",
+    "load_digits",
+    "load_image_folder",
+    "load_lfw_faces",
+    "load_npz",
+    "resize_images",
+    "skimage_patches",
+    "toy_2d",
+    "toy_2d_mixture",
+]

@@ -1,0 +1,104 @@
+"""Patches of the sample images bundled inside scikit-image's wheel (super-resolution data)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from dpm.data.transforms import to_unit_range
+
+__all__ = [
+    "SKIMAGE_COLOR_IMAGES",
+    "SKIMAGE_GRAY_IMAGES",
+    "skimage_patches",
+]
+
+# Sample images that ship inside the scikit-image wheel (load with no network).
+SKIMAGE_COLOR_IMAGES = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+)
+SKIMAGE_GRAY_IMAGES = ("camera", "brick", "grass", "gravel", "moon", "coins", "clock", "page")
+
+
+def _skimage_image(name: str, grayscale: bool) -> np.ndarray:
+    """A bundled scikit-image sample as (H, W, C) float in [0, 1], C = 1 or 3."""
+    import skimage.data
+
+    known = SKIMAGE_COLOR_IMAGES + SKIMAGE_GRAY_IMAGES
+    if name not in known:
+        raise ValueError(f"images must be names from {known}, got {name!r}")
+    img = np.asarray(getattr(skimage.data, name)(), dtype=np.float64) / 255.0
+    if img.ndim == 2:
+        img = img[..., None]
+    img = img[..., :3]
+    if grayscale and img.shape[-1] == 3:
+        img = img @ np.array([0.299, 0.587, 0.114])[:, None]  # ITU-R 601 luma
+    elif not grayscale and img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    return img
+
+
+def skimage_patches(
+    patch_size: int,
+    num_patches: int,
+    *,
+    seed: int = 0,
+    images: Sequence[str] = SKIMAGE_COLOR_IMAGES,
+    grayscale: bool = False,
+    downscale: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Random square patches of the sample images bundled inside scikit-image's wheel.
+
+    Each patch picks an image uniformly, then a uniform position in it. For
+    super-resolution, ``downscale=s`` adds the low-resolution patch made by averaging
+    non-overlapping ``s x s`` blocks.
+
+    Args:
+      patch_size: side of a patch (at most the smallest image side).
+      num_patches: number of patches.
+      seed: numpy seed.
+      images: names from ``SKIMAGE_COLOR_IMAGES`` / ``SKIMAGE_GRAY_IMAGES``.
+      grayscale: one luma channel instead of RGB.
+      downscale: optional integer factor dividing ``patch_size``.
+
+    Returns:
+      ``{"x": (num_patches, P, P, C) float32 in [-1, 1]}`` and, with ``downscale``,
+      ``"x_low": (num_patches, P / s, P / s, C)``; C is 1 or 3.
+    """
+    if patch_size <= 0:
+        raise ValueError(f"patch_size must be > 0, got {patch_size}")
+    if num_patches < 0:
+        raise ValueError(f"num_patches must be >= 0, got {num_patches}")
+    if isinstance(images, str) or not images:
+        raise ValueError(f"images must be a non-empty sequence of names, got {images!r}")
+    if downscale is not None and (downscale <= 0 or patch_size % downscale):
+        raise ValueError(
+            f"downscale must be a positive divisor of patch_size={patch_size}, got {downscale}"
+        )
+    sources = [_skimage_image(name, grayscale) for name in images]
+    for name, img in zip(images, sources, strict=True):
+        if min(img.shape[:2]) < patch_size:
+            raise ValueError(
+                f"patch_size={patch_size} exceeds image {name!r} of size {img.shape[:2]}"
+            )
+    rng = np.random.default_rng(seed)
+    which = rng.integers(0, len(sources), size=num_patches)
+    channels = 1 if grayscale else 3
+    x = np.empty((num_patches, patch_size, patch_size, channels), np.float32)
+    for i, j in enumerate(which):
+        h, w = sources[j].shape[:2]
+        top = rng.integers(0, h - patch_size + 1)
+        left = rng.integers(0, w - patch_size + 1)
+        x[i] = sources[j][top : top + patch_size, left : left + patch_size]
+    out = {"x": to_unit_range(x, 0.0, 1.0)}
+    if downscale is not None:
+        s, m = downscale, patch_size // downscale
+        out["x_low"] = out["x"].reshape(num_patches, m, s, m, s, channels).mean(axis=(2, 4))
+    return out

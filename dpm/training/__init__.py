@@ -1,0 +1,48 @@
+"""Training machinery: the train state, optimizer and EMA (optax), the jitted data-parallel
+train step, device meshes and sharding, and atomic, verified, resumable checkpoints."""
+
+from dpm.training.checkpoint import Checkpointer
+from dpm.training.sharding import (
+    batch_sharding,
+    initialize_distributed,
+    make_mesh,
+    process_batch_size,
+    process_count,
+    process_index,
+    replicate,
+    replicated,
+    shard_batch,
+)
+from dpm.training.train import (
+    TrainState,
+    edm_ema_decay,
+    ema_update,
+    init_train_state,
+    jit_train_step,
+    make_lr_schedule,
+    make_optimizer,
+    make_train_step,
+    warmup_ema_decay,
+)
+
+__all__ = [
+    "Checkpointer",
+    "TrainState",
+    "batch_sharding",
+    "edm_ema_decay",
+    "ema_update",
+    "init_train_state",
+    "initialize_distributed",
+    "jit_train_step",
+    "make_lr_schedule",
+    "make_mesh",
+    "make_optimizer",
+    "make_train_step",
+    "process_batch_size",
+    "process_count",
+    "process_index",
+    "replicate",
+    "replicated",
+    "shard_batch",
+    "warmup_ema_decay",
+]
