@@ -18,7 +18,7 @@ from flax import nnx
 
 import dpm
 import nets
-from dpm.data import BatchIterator
+from dpm.data import BatchIterator, train_test_split
 from dpm.training import (
     Checkpointer,
     TrainState,
@@ -44,10 +44,11 @@ class Trained:
     state: TrainState
     schedule: dpm.Schedule
     unet: nets.UNetConfig
-    data: dict[str, np.ndarray]
+    data: dict[str, np.ndarray]  # the training split
     diffusion: ml_collections.ConfigDict
     steps_run: int  # steps taken in this invocation (0 when fully restored)
     seconds: float
+    test_data: dict[str, np.ndarray] | None = None  # held out (config.data.test_fraction)
 
     def denoiser(self, cond=None, *, ema: bool = True) -> dpm.Denoiser:
         """The trained Denoiser (EMA parameters by default) with condition ``cond``."""
@@ -60,7 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "train"
     c.seed = 0
-    c.data = ml_collections.ConfigDict(dict(name="digits", kwargs=dict(image_size=8)))
+    c.data = ml_collections.ConfigDict(
+        dict(name="digits", kwargs=dict(image_size=8), test_fraction=0.0, split_seed=0)
+    )
     c.model = ml_collections.ConfigDict(
         dict(preset="tiny", dtype="float32", num_classes=None, label_dropout=0.1,
              base_channels=None, channel_mult=None, num_res_blocks=None,
@@ -111,7 +114,10 @@ def train_denoiser(
     """
     t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    data = make_dataset(config.data.name, **config.data.kwargs.to_dict())
+    data, test_data = train_test_split(
+        make_dataset(config.data.name, **config.data.kwargs.to_dict()),
+        config.data.get("test_fraction", 0.0), seed=config.data.get("split_seed", 0),
+    )
     arrays = {"x": data["x"]}
     if config.model.num_classes is not None:
         if "y" not in data:
@@ -149,7 +155,8 @@ def train_denoiser(
         it.restore(data_state)
     start = int(state.step)
     total = config.train.steps
-    trained = Trained(graphdef, state, schedule, ucfg, data, config.diffusion, 0, 0.0)
+    trained = Trained(graphdef, state, schedule, ucfg, data, config.diffusion, 0, 0.0,
+                      test_data if len(test_data["x"]) else None)
 
     from rich.progress import (
         BarColumn,

@@ -353,3 +353,22 @@ def test_npz_errors(tmp_path):
 def test_make_dataset_unknown_name():
     with pytest.raises(ValueError, match="cifar"):
         make_dataset("cifar")
+
+
+def test_train_test_split_disjoint_deterministic():
+    from dpm.data import train_test_split
+
+    data = {"x": np.arange(100.0)[:, None], "y": np.arange(100)}
+    train, test = train_test_split(data, 0.3, seed=1)
+    assert len(test["x"]) == 30 and len(train["x"]) == 70
+    assert set(train["y"]).isdisjoint(test["y"])
+    assert set(train["y"]) | set(test["y"]) == set(range(100))
+    np.testing.assert_array_equal(train["x"][:, 0], train["y"])  # rows stay aligned
+    again, _ = train_test_split(data, 0.3, seed=1)
+    np.testing.assert_array_equal(again["y"], train["y"])
+    other, _ = train_test_split(data, 0.3, seed=2)
+    assert not np.array_equal(other["y"], train["y"])
+    with pytest.raises(ValueError, match="test_fraction"):
+        train_test_split(data, 1.0)
+    with pytest.raises(ValueError, match="leading dimension"):
+        train_test_split({"x": np.zeros(3), "y": np.zeros(4)}, 0.5)

@@ -10,6 +10,7 @@ from dpm.data.digits import load_digits
 from dpm.data.faces import load_lfw_faces
 from dpm.data.files import IMAGE_EXTENSIONS, folder_class_names, load_image_folder, load_npz
 from dpm.data.iterator import BatchIterator
+from dpm.data.splits import train_test_split
 from dpm.data.toy import TOY_2D_NAMES, gaussian_mixture_samples, toy_2d, toy_2d_mixture
 from dpm.data.transforms import resize_images
 
@@ -28,5 +29,6 @@ __all__ = [
     "resize_images",
     "skimage_patches",
     "toy_2d",
+    "train_test_split",
     "toy_2d_mixture",
 ]

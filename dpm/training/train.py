@@ -421,9 +421,9 @@ def jit_train_step(
     """Jit a train step, data-parallel over ``mesh`` when given, donating the input state.
 
     With a mesh the state, the extra arguments (e.g. teacher parameters) and the outputs are
-    replicated and every batch leaf is split along its leading axis over the ``"data"`` axis (see
-    ``dpm.training.sharding``); the compiler inserts the gradient all-reduce. Without one it is a plain
-    ``jax.jit``.
+    replicated and every batch leaf is split along its leading axis over the ``"data"`` axis
+    (see ``dpm.training.sharding``); the compiler inserts the gradient all-reduce. Without one it
+    is a plain ``jax.jit``.
 
     Args:
       train_step: from :func:`make_train_step` (or any ``(state, batch, *extra) -> (state, m)``).
