@@ -4,7 +4,14 @@
 A model function has the signature ``fn(x, t, cond) -> output`` with continuous time ``t``
 (scalar or one value per example), and predicts ``"eps"``, ``"x0"`` or ``"v"``
 (``v = alpha * eps - sigma * x0``). The Denoiser answers ``eps``, ``x0`` and ``v`` by exact
-conversion, so every sampler works with every parameterization.
+conversion, so every sampler works with every parameterization and every schedule: with
+``x = alpha x0 + sigma eps``,
+
+* ``x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)``,
+* ``eps = (sigma x + alpha v) / (alpha^2 + sigma^2)``,
+
+which reduce to ``alpha x - sigma v`` and ``sigma x + alpha v`` on variance-preserving schedules
+(``alpha^2 + sigma^2 = 1``) and stay exact on EDM / VE (``alpha = 1``, ``sigma`` up to 80).
 
 A Denoiser is a pytree. Its ``fn`` is stored as a :class:`jax.tree_util.Partial`, so model
 parameters bound with ``Partial(apply, params)`` are traced leaves (``jax.jit(sampler)(den, ...)``
@@ -124,8 +131,10 @@ class Denoiser:
             return (x - s * out) / a, out
         if self.prediction == "x0":
             return out, (x - a * out) / s
-        # v-prediction: x0 = a x - s v, eps = s x + a v  (a^2 + s^2 = 1 for VP)
-        return a * x - s * out, s * x + a * out
+        # v-prediction, any schedule: with x = a x0 + s eps and v = a eps - s x0,
+        # a x - s v = (a^2 + s^2) x0 and s x + a v = (a^2 + s^2) eps  (a^2 + s^2 = 1 for VP).
+        n = a * a + s * s
+        return (a * x - s * out) / n, (s * x + a * out) / n
 
     def x0(self, x: Array, t: Array) -> Array:
         """Predicted clean data ``x0_hat(x, t)``, shape of ``x``."""
