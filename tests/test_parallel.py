@@ -135,36 +135,58 @@ def test_sharded_step_refuses_indivisible_batch():
         sharded(state, bad)
 
 
-_MULTIHOST_VARS = (
-    "JAX_COORDINATOR_ADDRESS",
-    "MEGASCALE_COORDINATOR_ADDRESS",
-    "TPU_WORKER_HOSTNAMES",
-    "TPU_PROCESS_ADDRESSES",
-    "JAX_NUM_PROCESSES",
-    "SLURM_NTASKS",
-    "OMPI_COMM_WORLD_SIZE",
-)
-
-
-def test_initialize_distributed_only_when_multihost_and_once(monkeypatch):
+def test_initialize_distributed_uses_jax_cluster_detection_and_is_idempotent(monkeypatch):
     calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    outcome = {"error": None}
+
+    def fake_initialize(**kw):
+        calls.append(kw)
+        if outcome["error"] is not None:
+            raise outcome["error"]
+
+    monkeypatch.setattr(jax.distributed, "initialize", fake_initialize)
     monkeypatch.setattr(parallel, "_DISTRIBUTED_INITIALIZED", False)
-    for var in _MULTIHOST_VARS:
-        monkeypatch.delenv(var, raising=False)
 
-    assert initialize_distributed() is False  # single process: nothing to do
-    monkeypatch.setenv("SLURM_NTASKS", "1")
+    # JAX detects no cluster and no coordinator is given: a single process, nothing brought up
+    outcome["error"] = ValueError("coordinator_address should be defined.")
     assert initialize_distributed() is False
-    assert calls == []
+    assert calls == [{}]
+    # a detected but misconfigured cluster, or explicit arguments JAX refuses, are not hidden
+    outcome["error"] = ValueError("process_id and num_processes must be nonnegative")
+    with pytest.raises(ValueError, match="process_id"):
+        initialize_distributed()
+    outcome["error"] = ValueError("coordinator_address should be defined.")
+    with pytest.raises(ValueError, match="coordinator_address"):
+        initialize_distributed(num_processes=2)
 
-    monkeypatch.setenv("SLURM_NTASKS", "4")
+    # JAX detects a cluster: it is brought up once, later calls do nothing
+    outcome["error"] = None
+    calls.clear()
     assert initialize_distributed() is True
-    assert initialize_distributed() is True  # idempotent
+    assert initialize_distributed() is True
     assert calls == [{}]
 
     monkeypatch.setattr(parallel, "_DISTRIBUTED_INITIALIZED", False)
-    monkeypatch.delenv("SLURM_NTASKS")
     kwargs = {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 0}
     assert initialize_distributed(**kwargs) is True
     assert calls == [{}, kwargs]
+
+
+def test_initialize_distributed_on_one_process_with_real_jax():
+    # the real jax.distributed.initialize, in a clean environment (no cluster variables)
+    import subprocess
+    import sys
+
+    code = (
+        "import jax\n"
+        "from dpm.training import initialize_distributed\n"
+        "assert initialize_distributed() is False\n"
+        "assert initialize_distributed() is False\n"
+        "assert not jax.distributed.is_initialized() and jax.process_count() == 1\n"
+        "print('single-process')\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "HOME": "/tmp"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "single-process" in out.stdout

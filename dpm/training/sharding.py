@@ -14,7 +14,6 @@ Typical use::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,12 +35,6 @@ __all__ = [
 
 # Set once `initialize_distributed` has brought up the multi-host runtime (idempotence).
 _DISTRIBUTED_INITIALIZED = False
-
-# Environment variables whose presence means "several processes take part in this run".
-_COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
-_TPU_POD_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
-_PROCESS_COUNT_VARS = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = "data") -> Mesh:
     """A 1-D device mesh over which the batch is split.
@@ -163,41 +156,36 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
-def _multihost_requested() -> bool:
-    env = os.environ
-    if any(env.get(v) for v in _COORDINATOR_VARS + _TPU_POD_VARS):
-        return True
-    for v in _PROCESS_COUNT_VARS:
-        try:
-            if int(env.get(v, "1")) > 1:
-                return True
-        except ValueError:
-            continue
-    return False
-
-
 def initialize_distributed(**kwargs: Any) -> bool:
     """Bring up JAX's multi-host runtime when this run spans several processes; idempotent.
 
-    Calls ``jax.distributed.initialize(**kwargs)`` if keyword arguments are given (e.g.
-    ``coordinator_address``, ``num_processes``, ``process_id``, or
-    ``cluster_detection_method="gcetpu"`` on a Cloud TPU pod) or if the environment names a
-    multi-process run (``JAX_COORDINATOR_ADDRESS``, ``TPU_WORKER_HOSTNAMES``, more than one task in
-    ``SLURM_NTASKS`` / ``OMPI_COMM_WORLD_SIZE`` / ``JAX_NUM_PROCESSES``). Otherwise, and on every
-    call after the first successful one, it does nothing. Call it before any other JAX call.
+    Calls ``jax.distributed.initialize(**kwargs)``, which detects the cluster itself (Cloud TPU
+    pods, Slurm, Open MPI, Kubernetes, ... and ``JAX_COORDINATOR_ADDRESS``) and fills in the
+    arguments not given (``coordinator_address``, ``num_processes``, ``process_id``; or pass
+    ``cluster_detection_method=...``). When no argument is given and JAX detects no cluster, the run
+    is a single process and nothing is done. Every call after a successful one does nothing. Call
+    it before any other JAX call.
 
     Args:
       **kwargs: passed to ``jax.distributed.initialize``.
 
     Returns:
       True when the multi-host runtime is up after the call, False for a single-process run.
+
+    Raises:
+      ValueError: from ``jax.distributed.initialize`` when arguments were given, or a detected
+        cluster is misconfigured.
     """
     global _DISTRIBUTED_INITIALIZED
     if _DISTRIBUTED_INITIALIZED or jax.distributed.is_initialized():
         _DISTRIBUTED_INITIALIZED = True
         return True
-    if not kwargs and not _multihost_requested():
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as e:
+        # JAX's own answer to "no cluster detected and no coordinator given": a single process.
+        if kwargs or "coordinator_address" not in str(e):
+            raise
         return False
-    jax.distributed.initialize(**kwargs)
     _DISTRIBUTED_INITIALIZED = True
     return True

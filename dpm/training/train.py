@@ -19,7 +19,6 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -93,8 +92,9 @@ def make_lr_schedule(
       schedule: ``"cosine"`` or ``"constant"`` after the warmup.
 
     Returns:
-      A function ``count -> learning rate`` (scalar of the default float dtype), usable under
-      ``jit``.
+      An ``optax.Schedule`` ``count -> learning rate`` (built from
+      ``optax.warmup_cosine_decay_schedule``, or ``optax.linear_schedule`` joined to
+      ``optax.constant_schedule``), usable under ``jit``.
     """
     if not isinstance(learning_rate, int | float) or learning_rate < 0:
         raise ValueError(f"learning_rate must be a non-negative number, got {learning_rate!r}.")
@@ -111,20 +111,17 @@ def make_lr_schedule(
         )
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}.")
-    eta = float(learning_rate)
-    W, T = warmup_steps, total_steps
-
-    def lr(count: jax.Array) -> jax.Array:
-        s = jnp.asarray(count, jnp.result_type(float))  # float64 under x64
-        warm = eta * s / max(W, 1)
-        if schedule == "constant":
-            after = jnp.full_like(s, eta)
-        else:
-            progress = jnp.clip((s - W) / (T - W), 0.0, 1.0)
-            after = 0.5 * eta * (1.0 + jnp.cos(math.pi * progress))
-        return jnp.where(s < W, warm, after)
-
-    return lr
+    eta, W, T = float(learning_rate), warmup_steps, total_steps
+    if schedule == "cosine":
+        # linear 0 -> eta over W updates, then eta (1 + cos(pi (s - W) / (T - W))) / 2
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=eta, warmup_steps=W, decay_steps=T, end_value=0.0
+        )
+    if W == 0:
+        return optax.constant_schedule(eta)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, eta, transition_steps=W), optax.constant_schedule(eta)], [W]
+    )
 
 
 def _default_decay_mask(params: PyTree) -> PyTree:
@@ -184,6 +181,8 @@ def make_optimizer(
 def ema_update(ema_params: PyTree, params: PyTree, decay: float | jax.Array) -> PyTree:
     """One step of the parameter EMA: ``ema <- decay * ema + (1 - decay) * params``.
 
+    This is ``optax.incremental_update(params, ema_params, step_size=1 - decay)``.
+
     Args:
       ema_params: the running average (pytree of arrays).
       params: the current parameters (same structure).
@@ -193,10 +192,9 @@ def ema_update(ema_params: PyTree, params: PyTree, decay: float | jax.Array) -> 
       The updated average, with the dtypes of ``ema_params``.
     """
 
-    def lerp(e, p):
-        return (decay * e + (1 - decay) * p).astype(e.dtype)
-
-    return jax.tree.map(lerp, ema_params, params)
+    # optax's step_size is the weight of the new value: 1 - decay
+    new = optax.incremental_update(params, ema_params, step_size=1 - decay)
+    return jax.tree.map(lambda n, e: n.astype(e.dtype), new, ema_params)
 
 
 def warmup_ema_decay(step: jax.Array, decay: float, *, warmup: float = 10.0) -> jax.Array:
