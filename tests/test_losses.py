@@ -38,13 +38,16 @@ def _oracle_as(pred, gm, sched):
     return Denoiser(lambda x, t, c: fns[pred](x, t), sched, pred)
 
 
+@pytest.mark.parametrize("sched", [DiscreteVP.from_name("linear"), EDM()], ids=["vp", "edm"])
 @pytest.mark.parametrize("pred", ["eps", "x0", "v"])
-def test_oracle_loss_equals_posterior_variance(pred, x64):
+def test_oracle_loss_equals_posterior_variance(pred, sched, x64):
     """For N(mu, c^2 I) the oracle's x0-MSE at fixed t is the posterior variance
-    c^2 sigma^2 / (alpha^2 c^2 + sigma^2); each weighting multiplies it by w(t)."""
+    c^2 sigma^2 / (alpha^2 c^2 + sigma^2); each weighting multiplies it by w(t).
+
+    On EDM (alpha = 1, sigma = 32 at t = 0.4) a v-model's error is rescaled by
+    sigma / (alpha^2 + sigma^2), not by the VP-only sigma."""
     c = 0.6
     gm = GaussianMixture.gaussian(jnp.array([0.3, -0.5, 1.0, 0.0]), c)
-    sched = DiscreteVP.from_name("linear")
     t0 = 0.4
     den = _oracle_as(pred, gm, sched)
     x = gm.sample(jax.random.key(0), 100_000)

@@ -9,14 +9,15 @@ written with weights on the x0-error so the choices are comparable:
 
 * ``"eps"``: ``w = SNR`` -- the plain epsilon MSE of Ho et al.;
 * ``"x0"``: ``w = 1`` -- the plain x0 MSE (ProDiff);
-* ``"v"``: ``w = SNR + 1`` -- the plain v MSE;
+* ``"v"``: ``w = SNR + 1`` -- the plain v MSE on VP schedules (``alpha^2 + sigma^2 = 1``);
 * ``"truncated_snr"``: ``w = max(SNR, 1)`` (Salimans & Ho, progressive distillation);
 * ``"min_snr"``: ``w = min(SNR, gamma)`` (Hang et al., min-SNR-gamma, gamma = 5);
 * ``"edm"``: ``w = (sigma_bar^2 + sigma_data^2) / (sigma_bar sigma_data)^2`` (Karras et al.).
 
 The squared error is computed in the denoiser's own output space and rescaled by an exact scalar
-(``|x0_hat - x0| = (sigma / alpha) |eps_hat - eps| = sigma |v_hat - v|``), so e.g. an eps-model
-with ``"eps"`` weighting gets exactly its eps-MSE, with no cancellation at small noise.
+(``|x0_hat - x0| = (sigma / alpha) |eps_hat - eps| = sigma / (alpha^2 + sigma^2) |v_hat - v|``,
+on any schedule), so e.g. an eps-model with ``"eps"`` weighting gets exactly its eps-MSE, with no
+cancellation at small noise.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def _log_output_to_x0_scale(prediction: str, schedule: Schedule, t: Array) -> Ar
     if prediction == "eps":
         return -lam  # (sigma / alpha)^2
     if prediction == "v":
-        return 2.0 * schedule.log_sigma(t)
+        # x0 = (alpha x - sigma v) / (alpha^2 + sigma^2): c = sigma / (alpha^2 + sigma^2)
+        log_a, log_s = schedule.log_alpha(t), schedule.log_sigma(t)
+        return 2.0 * log_s - 2.0 * jnp.logaddexp(2.0 * log_a, 2.0 * log_s)
     return jnp.zeros_like(lam)
 
 
@@ -184,4 +187,3 @@ def denoising_loss(
         return jnp.exp(log_w) * mse
 
     return loss
-
