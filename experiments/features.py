@@ -63,14 +63,42 @@ def _jitted(graphdef, fn):
 def train_classifier(
     x: np.ndarray, y: np.ndarray, *, seed: int, workdir: str | None = None, steps: int = 800,
     batch_size: int = 128, width: int = 32, held_out: float = 0.15,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Judge:
-    """Trains a :class:`nets.Classifier` on ``(x, y)`` (a random ``held_out`` fraction kept
-    aside to report its accuracy), or restores it from ``workdir`` when trained before."""
+    """Trains a :class:`nets.Classifier` on ``(x, y)``, or restores it from ``workdir`` when
+    trained before.
+
+    Args:
+      x: (N, H, W, C) images in [-1, 1].
+      y: (N,) integer labels.
+      seed: initialisation, data order and (without ``test``) held-out draw.
+      workdir: checkpoint directory (None: not cached).
+      steps: optimizer steps.
+      batch_size: batch size.
+      width: the classifier's first-stage width (features are ``4 * width`` wide).
+      held_out: without ``test``, the random fraction of ``(x, y)`` kept aside to measure the
+        held-out accuracy.
+      test: ``(x_test, y_test)``: train on all of ``(x, y)`` and measure the held-out accuracy
+        on this set instead (``held_out`` is then unused).
+
+    Returns:
+      The :class:`Judge` (EMA parameters) with its held-out accuracy.
+    """
     n, H, W, C = x.shape
     num_classes = int(y.max()) + 1
-    perm = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(held_out * n))
-    test, train = perm[:n_test], perm[n_test:]
+    if test is None:
+        perm = np.random.default_rng(seed).permutation(n)
+        n_test = int(round(held_out * n))
+        if n_test < 1:
+            raise ValueError(f"held_out must leave at least one test image; got {held_out!r}")
+        idx_test, train = perm[:n_test], perm[n_test:]
+        x_test, y_test = x[idx_test], y[idx_test]
+    else:
+        train = np.arange(n)
+        x_test, y_test = test
+        if len(x_test) < 1 or x_test.shape[1:] != x.shape[1:]:
+            raise ValueError(f"test images must have shape (M, {H}, {W}, {C}) with M >= 1; "
+                             f"got {np.shape(x_test)}")
     model = nets.Classifier(num_classes, C, H, width, dropout=0.1, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model, nnx.Param)
 
@@ -102,7 +130,7 @@ def train_classifier(
         ckpt.wait_until_finished()
         ckpt.close()
     judge = Judge(graphdef, state.ema_params, 0.0)
-    judge.held_out_accuracy = float(np.mean(judge.predict(x[test]) == y[test]))
+    judge.held_out_accuracy = float(np.mean(judge.predict(x_test) == y_test))
     return judge
 
 

@@ -10,7 +10,11 @@ from skimage.metrics import structural_similarity
 from dpm.metrics import (
     frechet_distance,
     frechet_distance_from_features,
+    hfer,
+    kid,
+    label_accuracy,
     mmd_rbf,
+    precision_recall,
     psnr,
     sliced_wasserstein,
     ssim,
@@ -192,3 +196,196 @@ def test_ssim_matches_skimage(channels):
 def test_ssim_validation():
     with pytest.raises(ValueError, match="win_size"):
         ssim(jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 8, 8, 1)), 1.0)
+
+
+# ------------------------------------------------------------------ KID
+
+
+def _cubic(a, b, d):
+    return (float(np.dot(a, b)) / d + 1.0) ** 3
+
+
+def test_kid_matches_brute_force_double_loop():
+    # With subset_size = N the subsets are the whole sets (in some order): KID is the plain
+    # unbiased MMD^2, every subset gives the same value and the sd is ~0.
+    rng = np.random.default_rng(7)
+    x, y = rng.standard_normal((9, 4)), 0.5 + rng.standard_normal((9, 4))
+    d, m = 4, 9
+    xx = sum(_cubic(x[i], x[j], d) for i in range(m) for j in range(m) if i != j)
+    yy = sum(_cubic(y[i], y[j], d) for i in range(m) for j in range(m) if i != j)
+    xy = sum(_cubic(a, b, d) for a in x for b in y)
+    expected = xx / (m * (m - 1)) + yy / (m * (m - 1)) - 2 * xy / m**2
+    mean, sd = kid(x, y, subset_size=100, num_subsets=5)  # capped at min(N1, N2) = 9
+    np.testing.assert_allclose(mean, expected, rtol=1e-12)
+    assert sd < 1e-12
+    # proper subsets: each subset's value is the brute-force MMD^2 of the drawn rows; redo the
+    # same draws (numpy default_rng, x then y per subset) with a double loop
+    mean, sd = kid(x, y[:7], subset_size=5, num_subsets=4, seed=3)
+    draw = np.random.default_rng(3)
+    values = []
+    for _ in range(4):
+        ix = np.sort(draw.choice(9, 5, replace=False))
+        iy = np.sort(draw.choice(7, 5, replace=False))
+        a, b = x[ix], y[:7][iy]
+        v = (sum(_cubic(a[i], a[j], d) for i in range(5) for j in range(5) if i != j) / 20
+             + sum(_cubic(b[i], b[j], d) for i in range(5) for j in range(5) if i != j) / 20
+             - 2 * sum(_cubic(p, q, d) for p in a for q in b) / 25)
+        values.append(v)
+    np.testing.assert_allclose(mean, np.mean(values), rtol=1e-12)
+    np.testing.assert_allclose(sd, np.std(values, ddof=1), rtol=1e-10)
+
+
+def _expected_cubic_kernel(a, b, s, d):
+    # E[(X.Y/d + 1)^3], X ~ N(a, s^2 I), Y ~ N(b, s^2 I) independent, S = X.Y:
+    # S | Y ~ N(a.Y, s^2 |Y|^2), so E S = a.b,
+    # E S^2 = (a.b)^2 + s^2 |a|^2 + s^2 (|b|^2 + d s^2),
+    # E S^3 = E[(a.Y)^3] + 3 s^2 E[(a.Y) |Y|^2]
+    #       = mu^3 + 3 mu s^2 |a|^2 + 3 s^2 (mu (|b|^2 + d s^2) + 2 s^2 mu),  mu = a.b
+    mu = float(a @ b)
+    es = mu
+    es2 = mu**2 + s**2 * (a @ a) + s**2 * (b @ b + d * s**2)
+    es3 = mu**3 + 3 * mu * s**2 * (a @ a) + 3 * s**2 * (mu * (b @ b + d * s**2) + 2 * s**2 * mu)
+    return es3 / d**3 + 3 * es2 / d**2 + 3 * es / d + 1
+
+
+def _mmd2_gaussians(mu1, mu2, s):
+    d = len(mu1)
+    e = lambda a, b: _expected_cubic_kernel(a, b, s, d)
+    return e(mu1, mu1) + e(mu2, mu2) - 2 * e(mu1, mu2)
+
+
+def test_kid_unbiased_same_distribution_and_closed_form_shift():
+    # Many independent small draws: the mean of the KID estimates is the population MMD^2
+    # within its standard error (a biased V-statistic is off by ~2 E[k(x,x) - k(x,x')] / m,
+    # here ~0.2, dozens of standard errors).
+    rng = np.random.default_rng(8)
+    d, s, m, reps = 3, 0.8, 40, 400
+    mu = np.array([0.3, -0.2, 0.5])
+    shift = np.array([0.6, 0.0, -0.3])
+    for delta in (np.zeros(3), shift):
+        vals = np.array([
+            kid(mu + s * rng.standard_normal((m, d)), mu + delta + s * rng.standard_normal((m, d)),
+                subset_size=m, num_subsets=2)[0]
+            for _ in range(reps)
+        ])
+        exact = _mmd2_gaussians(mu, mu + delta, s)
+        se = np.std(vals, ddof=1) / np.sqrt(reps)
+        assert abs(np.mean(vals) - exact) < 4 * se, (np.mean(vals), exact, se)
+        if delta.any():
+            assert exact > 10 * se  # the shift is resolved, not lost in the noise
+    # larger sets through subsets: close to the closed form, and the spread is reported
+    x = mu + s * rng.standard_normal((3000, d))
+    y = mu + shift + s * rng.standard_normal((3000, d))
+    mean, sd = kid(x, y, subset_size=1000, num_subsets=50)
+    np.testing.assert_allclose(mean, _mmd2_gaussians(mu, mu + shift, s), rtol=0.1)
+    assert 0 < sd < mean
+
+
+def test_kid_validation():
+    x = np.zeros((5, 3))
+    with pytest.raises(ValueError, match="f_fake"):
+        kid(x, np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="subset_size"):
+        kid(x, x, subset_size=1)
+    with pytest.raises(ValueError, match="num_subsets"):
+        kid(x, x, num_subsets=1)
+    with pytest.raises(ValueError, match="f_real must be finite"):
+        kid(np.full((5, 3), np.nan), x)
+
+
+# ------------------------------------------------------------------ precision / recall
+
+
+def _clusters(rng, centres, n_per, s=0.3):
+    return np.concatenate([c + s * rng.standard_normal((n_per, len(c))) for c in centres])
+
+
+def test_precision_recall_known_overlap():
+    rng = np.random.default_rng(9)
+    # four modes 20 apart, spread 0.3; 250 points each (the k-NN balls of a sample cover ~98%
+    # of a fresh draw of its own distribution at this size in 2-D, ~93% at 100 points)
+    centres = 20.0 * np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    real = _clusters(rng, centres, 250)
+    assert precision_recall(real, real) == (1.0, 1.0)
+    # disjoint, far away
+    far = _clusters(rng, centres + 100.0, 250)
+    assert precision_recall(real, far) == (0.0, 0.0)
+    # fake covers half of the modes, faithfully: precision ~ 1, recall ~ 1/2
+    half = _clusters(rng, centres[:2], 500)
+    p, r = precision_recall(real, half)
+    assert p > 0.95 and 0.45 < r <= 0.5, (p, r)
+    # the symmetric case: real covers half of the fake modes -> precision ~ 1/2, recall ~ 1
+    p, r = precision_recall(half, real)
+    assert 0.45 < p <= 0.5 and r > 0.95, (p, r)
+
+
+def test_precision_recall_matches_brute_force():
+    rng = np.random.default_rng(10)
+    real, fake = rng.standard_normal((30, 2)), 0.7 + rng.standard_normal((25, 2))
+
+    def radii(a, k):
+        return [sorted(np.linalg.norm(a[i] - a[j]) for j in range(len(a)) if j != i)[k - 1]
+                for i in range(len(a))]
+
+    for k in (1, 3, 5):
+        rr, rf = radii(real, k), radii(fake, k)
+        prec = np.mean([any(np.linalg.norm(f - real[j]) <= rr[j] for j in range(30)) for f in fake])
+        rec = np.mean([any(np.linalg.norm(x - fake[j]) <= rf[j] for j in range(25)) for x in real])
+        assert 0 < prec < 1 and 0 < rec < 1
+        np.testing.assert_allclose(precision_recall(real, fake, k=k), (prec, rec))
+
+
+def test_precision_recall_validation():
+    with pytest.raises(ValueError, match="k must be"):
+        precision_recall(np.zeros((5, 2)), np.zeros((5, 2)), k=0)
+    with pytest.raises(ValueError, match="fake must have shape"):
+        precision_recall(np.zeros((5, 2)), np.zeros((3, 2)), k=3)
+
+
+# ------------------------------------------------------------------ HFER
+
+
+def _wave(kx, ky, n=16, phase=0.3):
+    yy, xx = np.mgrid[0:n, 0:n]
+    return np.cos(2 * np.pi * (kx * xx + ky * yy) / n + phase)
+
+
+def test_hfer_sinusoids():
+    n = 16  # bins at multiples of 1/16 cycles/pixel; cutoff 0.25 = 4/16
+    low = _wave(2, 1)  # |f| = sqrt(5)/16 = 0.14
+    high = _wave(6, 0)  # |f| = 6/16 = 0.375
+    diag = _wave(3, 3)  # each axis 3/16 < 0.25, radially 0.265 > 0.25: high
+    edge = _wave(4, 0)  # exactly 0.25: not strictly above
+    imgs = np.stack([low, high, diag, edge, 3.0 * low + high + 5.0])[..., None]
+    got = hfer(imgs)
+    np.testing.assert_allclose(got[:4], [0.0, 1.0, 1.0, 0.0], atol=1e-12)
+    # a mix: power splits as the squared amplitudes (the constant offset is removed)
+    np.testing.assert_allclose(got[4], 1.0 / (9.0 + 1.0), rtol=1e-10)
+    # channels are summed: a low channel and a high channel of equal amplitude -> 1/2
+    np.testing.assert_allclose(hfer(np.stack([low, high], -1)[None]), [0.5], rtol=1e-10)
+    # (N, H, W) accepted; a constant image (no non-DC power) scores 0
+    np.testing.assert_allclose(hfer(np.stack([high, np.full((n, n), 0.7)])), [1.0, 0.0])
+
+
+def test_hfer_white_noise_is_the_share_of_high_bins():
+    rng = np.random.default_rng(11)
+    got = hfer(rng.standard_normal((4000, 8, 8, 1)))
+    np.testing.assert_allclose(got.mean(), 51 / 63, atol=3 * got.std() / np.sqrt(4000))
+    with pytest.raises(ValueError, match="images must have shape"):
+        hfer(np.zeros((2, 1, 8, 1)))
+    with pytest.raises(ValueError, match="images must be finite"):
+        hfer(np.full((2, 8, 8, 1), np.inf))
+
+
+# ------------------------------------------------------------------ label adherence
+
+
+def test_label_accuracy():
+    labels = np.array([0, 1, 2, 3])
+    assert label_accuracy(np.array([0, 1, 0, 3]), labels) == 0.75
+    scores = np.eye(4)[[0, 1, 2, 2]]  # argmax of (N, K) scores
+    assert label_accuracy(scores, labels) == 0.75
+    with pytest.raises(ValueError, match="predicted must have shape"):
+        label_accuracy(np.array([0, 1]), labels)
+    with pytest.raises(TypeError, match="integers"):
+        label_accuracy(np.array([0.0, 1.0, 2.0, 3.0]), labels)

@@ -1,4 +1,5 @@
-"""Metrics: distribution distances on samples or features, and image fidelity.
+"""Metrics: distribution distances on samples or features (FD, KID, k-NN precision / recall),
+label adherence, and image fidelity and spectra (PSNR, SSIM, HFER).
 
 No feature network lives here: experiments compute features (e.g. with a classifier trained in
 the project) and pass them in.
@@ -11,12 +12,19 @@ from dpm.metrics.distribution import (
     sliced_wasserstein,
 )
 from dpm.metrics.image import gaussian_window, psnr, ssim
+from dpm.metrics.sample_quality import kid, label_accuracy, precision_recall
+from dpm.metrics.spectral import HFER_CUTOFF, hfer
 
 __all__ = [
+    "HFER_CUTOFF",
     "frechet_distance",
     "frechet_distance_from_features",
     "gaussian_window",
+    "hfer",
+    "kid",
+    "label_accuracy",
     "mmd_rbf",
+    "precision_recall",
     "psnr",
     "sliced_wasserstein",
     "ssim",
