@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import Partial
 
 from dpm.denoiser import Denoiser, expand_like
@@ -25,6 +26,21 @@ from dpm.schedules import Schedule
 Array = jax.Array
 
 __all__ = ["GaussianMixture"]
+
+
+def _as_float(value, name: str) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array of numbers; got {value!r:.80} ({e})") from None
+
+
+def _check_finite(a: np.ndarray, name: str) -> None:
+    bad = int(np.sum(~np.isfinite(a)))
+    if bad:
+        raise ValueError(
+            f"{name} must be finite; got {bad} NaN or infinite value(s) among its {a.size}"
+        )
 
 
 def _oracle_eps(gm: GaussianMixture, schedule: Schedule, x, t, cond):
@@ -45,7 +61,7 @@ class GaussianMixture:
     Attributes:
       means: ``(K, D)`` component means.
       stds: ``(K,)`` component standard deviations (``>= 0``; 0 is a point mass).
-      weights: ``(K,)`` mixture weights (normalised on construction).
+      weights: ``(K,)`` mixture weights, summing to 1 (``create`` normalises them).
     """
 
     means: Array
@@ -54,35 +70,78 @@ class GaussianMixture:
 
     @classmethod
     def create(cls, means, stds, weights=None) -> GaussianMixture:
-        """Validates and normalises the parameters.
+        """Validates and normalises the parameters (concrete values, not traced ones).
 
         Args:
-          means: ``(K, D)`` or ``(D,)`` (one component).
-          stds: scalar or ``(K,)``.
-          weights: ``(K,)`` positive, or None for uniform.
+          means: ``(K, D)`` component means, or ``(D,)`` for one component; finite, K, D >= 1.
+          stds: scalar (shared) or ``(K,)``, one isotropic standard deviation per component;
+            finite and ``>= 0`` (0 is a point mass).
+          weights: ``(K,)`` finite and ``> 0``, relative: they are divided by their sum, so
+            ``[2, 1, 1]`` means ``[0.5, 0.25, 0.25]``. None for uniform.
+
+        Returns:
+          The mixture, in the default float dtype.
+
+        Raises:
+          ValueError: naming the argument, its shape or values and what was expected.
         """
-        means = jnp.asarray(means, dtype=jnp.result_type(float))
-        if means.ndim == 1:
-            means = means[None]
-        if means.ndim != 2:
-            raise ValueError(f"means must have shape (K, D) or (D,); got {means.shape}")
-        K = means.shape[0]
-        stds = jnp.broadcast_to(jnp.asarray(stds, dtype=means.dtype), (K,))
+        dtype = jnp.result_type(float)
+        m = _as_float(means, "means")
+        if m.ndim == 1:
+            m = m[None]
+        if m.ndim != 2 or 0 in m.shape:
+            raise ValueError(
+                f"means must have shape (K, D) or (D,) with K, D >= 1; got shape {np.shape(means)}"
+            )
+        K = m.shape[0]
+        _check_finite(m, "means")
+        sd = _as_float(stds, "stds")
+        if sd.ndim > 1:
+            raise ValueError(
+                f"stds must be a scalar or have shape (K,) = ({K},): the components are "
+                f"isotropic; got shape {sd.shape}"
+            )
+        if sd.ndim == 1 and sd.shape[0] != K:
+            raise ValueError(
+                f"stds must be a scalar or one value per component (shape (K,) = ({K},), K the "
+                f"rows of means); got length {sd.shape[0]}, expected {K}"
+            )
+        sd = np.broadcast_to(sd, (K,))
+        _check_finite(sd, "stds")
+        if np.any(sd < 0):
+            raise ValueError(
+                f"stds must be >= 0; got {int(np.sum(sd < 0))} negative, the smallest "
+                f"{sd.min():.6g}"
+            )
         if weights is None:
-            weights = jnp.full((K,), 1.0 / K, dtype=means.dtype)
-        weights = jnp.asarray(weights, dtype=means.dtype)
-        if weights.shape != (K,):
-            raise ValueError(f"weights must have shape ({K},) to match means; got {weights.shape}")
-        if bool(jnp.any(stds < 0)):
-            raise ValueError(f"stds must be >= 0; got {stds}")
-        if bool(jnp.any(weights <= 0)):
-            raise ValueError(f"weights must be > 0; got {weights}")
-        return cls(means, stds, weights / jnp.sum(weights))
+            w = np.full((K,), 1.0 / K)
+        else:
+            w = _as_float(weights, "weights")
+            if w.shape != (K,):
+                raise ValueError(
+                    f"weights must have shape ({K},) to match means (K = {K} components); got "
+                    f"shape {w.shape}"
+                )
+            _check_finite(w, "weights")
+            if np.any(w <= 0):
+                raise ValueError(
+                    f"weights must be > 0; got {int(np.sum(w <= 0))} value(s) <= 0, the smallest "
+                    f"{w.min():.6g}"
+                )
+        w = w / np.sum(w)
+        return cls(jnp.asarray(m, dtype), jnp.asarray(sd, dtype), jnp.asarray(w, dtype))
 
     @classmethod
     def gaussian(cls, mean, std) -> GaussianMixture:
-        """A single isotropic Gaussian ``N(mean, std^2 I)``; ``mean`` has shape ``(D,)``."""
-        return cls.create(jnp.asarray(mean)[None], jnp.asarray(std)[None])
+        """A single isotropic Gaussian ``N(mean, std^2 I)``; ``mean`` has shape ``(D,)``, ``std``
+        is a scalar."""
+        mean, std = _as_float(mean, "mean"), _as_float(std, "std")
+        if mean.ndim != 1 or std.ndim != 0:
+            raise ValueError(
+                f"gaussian needs mean of shape (D,) and a scalar std; got mean.shape={mean.shape}, "
+                f"std.shape={std.shape}"
+            )
+        return cls.create(mean[None], std[None])
 
     @property
     def dim(self) -> int:

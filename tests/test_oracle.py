@@ -134,3 +134,40 @@ def test_bad_input():
         gm.flow(LinearVP(), jnp.ones((4, 3)), 0.5, 0.2)
     with pytest.raises(ValueError, match="prediction must be"):
         gm.denoiser(LinearVP(), "v")
+
+
+def test_create_names_the_bad_argument():
+    means = jnp.zeros((3, 2))
+    with pytest.raises(ValueError, match=r"stds must be .* got length 2, expected 3"):
+        GaussianMixture.create(means, jnp.array([0.1, 0.2]))
+    with pytest.raises(ValueError, match=r"stds must be .* isotropic; got shape \(3, 2\)"):
+        GaussianMixture.create(means, jnp.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"weights must have shape \(3,\) .* got shape \(2,\)"):
+        GaussianMixture.create(means, 0.1, [0.5, 0.5])
+    with pytest.raises(ValueError, match="weights must be > 0"):
+        GaussianMixture.create(means, 0.1, [0.5, -0.1, 0.6])
+    with pytest.raises(ValueError, match="weights must be finite; got 1 NaN"):
+        GaussianMixture.create(means, 0.1, [0.5, jnp.nan, 0.6])
+    with pytest.raises(ValueError, match="stds must be finite"):
+        GaussianMixture.create(means, jnp.inf)
+    with pytest.raises(ValueError, match="stds must be >= 0; got 1 negative"):
+        GaussianMixture.create(means, [0.1, -0.2, 0.3])
+    with pytest.raises(ValueError, match="means must be finite; got 2 NaN"):
+        GaussianMixture.create(jnp.array([[0.0, jnp.nan], [jnp.nan, 1.0]]), 0.1)
+    with pytest.raises(ValueError, match=r"means must have shape \(K, D\) .* got shape \(0, 2\)"):
+        GaussianMixture.create(jnp.zeros((0, 2)), 0.1)
+    with pytest.raises(ValueError, match=r"means must have shape \(K, D\) .* got shape \(\)"):
+        GaussianMixture.create(1.0, 0.1)
+    with pytest.raises(TypeError, match="means must be an array of numbers"):
+        GaussianMixture.create([["a", "b"]], 0.1)
+    with pytest.raises(ValueError, match="mean of shape"):
+        GaussianMixture.gaussian(jnp.zeros((2, 2)), 0.5)
+
+
+def test_create_normalises_relative_weights_and_broadcasts_stds(x64):
+    gm = GaussianMixture.create(jnp.zeros((3, 2)), 0.25, [2, 1, 1])
+    np.testing.assert_allclose(gm.weights, [0.5, 0.25, 0.25], rtol=1e-15)
+    np.testing.assert_array_equal(gm.stds, [0.25, 0.25, 0.25])
+    assert gm.means.dtype == jnp.float64 and gm.num_components == 3 and gm.dim == 2
+    one = GaussianMixture.create(jnp.array([1.0, 2.0]), 0.5)  # (D,) is one component
+    assert one.means.shape == (1, 2) and one.weights.tolist() == [1.0]
