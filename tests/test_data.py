@@ -189,6 +189,25 @@ def test_resize_preserves_constants_and_mean():
     assert abs(resize_images(img, 8).mean() - img.mean()) < 0.02
 
 
+def test_resize_reproduces_linear_ramps_in_the_interior():
+    """A symmetric, normalised linear kernel maps a ramp in pixel-centre coordinates onto the
+    same ramp at the output's centres, up- or downscaling, wherever it does not reach the edge."""
+    h = w = 16
+    r, c = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+    img = (0.3 * r - 0.2 * c + 1.0)[None, :, :, None]
+    for out in (40, 8):  # x2.5 up, x2 down (the kernel then spans 4 input pixels)
+        s = h / out
+        ro, co = np.meshgrid((np.arange(out) + 0.5) * s, (np.arange(out) + 0.5) * s, indexing="ij")
+        got = resize_images(img, out)[0, :, :, 0]
+        interior = (ro > 2.5) & (ro < h - 2.5) & (co > 2.5) & (co < w - 2.5)
+        assert interior.sum() >= 16
+        np.testing.assert_allclose(got[interior], (0.3 * ro - 0.2 * co + 1.0)[interior], atol=1e-5)
+    with pytest.raises(ValueError, match="NHWC"):
+        resize_images(img[0], 8)
+    with pytest.raises(ValueError, match="size must be positive"):
+        resize_images(img, (0, 4))
+
+
 # ------------------------------------------------------------------ built-in image sources
 
 
@@ -348,6 +367,67 @@ def test_npz_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.npz"):
         load_npz(tmp_path / "junk.npz")
+
+
+def test_npz_refuses_non_finite_data(tmp_path):
+    x = np.full((3, 4, 4), np.nan, np.float32)
+    np.savez(tmp_path / "nan.npz", images=x)
+    with pytest.raises(ValueError, match=r"array 'images' .* holds 48 NaN or infinite value"):
+        load_npz(tmp_path / "nan.npz")
+    x = np.zeros((3, 4, 4), np.float32)
+    x[1, 2, 3] = np.inf
+    np.savez(tmp_path / "inf.npz", x=x)
+    with pytest.raises(ValueError, match="holds 1 NaN or infinite value"):
+        load_npz(tmp_path / "inf.npz", value_range=(0, 1))
+    np.savez(tmp_path / "y.npz", x=np.zeros((3, 2)), y=np.array([0.0, np.nan, 1.0]))
+    with pytest.raises(ValueError, match=r"labels 'y' .* holds 1 NaN"):
+        load_npz(tmp_path / "y.npz")
+    np.savez(tmp_path / "yf.npz", x=np.zeros((3, 2)), y=np.array([0.0, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="must be integers"):
+        load_npz(tmp_path / "yf.npz")
+
+
+def test_npz_refuses_values_outside_the_range_and_says_how_to_pass_it(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(4, 5, 5, 3)).astype(np.float32)  # float images in 0..255
+    np.savez(tmp_path / "f255.npz", x=x)
+    with pytest.raises(ValueError, match=r"outside \[-1, 1\] .* value_range=\(0, 255\)"):
+        load_npz(tmp_path / "f255.npz")
+    d = load_npz(tmp_path / "f255.npz", value_range=(0, 255))
+    np.testing.assert_allclose(d["x"], x / 127.5 - 1.0, atol=1e-6)
+    # an explicit range the data exceed is refused too, naming value_range
+    u8 = x.astype(np.uint8)
+    np.savez(tmp_path / "u8.npz", x=u8)
+    with pytest.raises(ValueError, match=r"\[0, 1\] \(value_range\)"):
+        load_npz(tmp_path / "u8.npz", value_range=(0, 1))
+    # 16-bit integers exceed the integer default (0, 255)
+    np.savez(tmp_path / "u16.npz", x=(x * 257).astype(np.uint16))
+    with pytest.raises(ValueError, match=r"default for uint16 data"):
+        load_npz(tmp_path / "u16.npz")
+    np.testing.assert_allclose(
+        load_npz(tmp_path / "u16.npz", value_range=(0, 65535))["x"], x / 127.5 - 1.0, atol=1e-6
+    )
+    # data saved at the ends of the range with float round-off pass and stay in [-1, 1]
+    edge = np.array([[-1.0 - 1e-7, 1.0 + 1e-7]], np.float32)
+    np.savez(tmp_path / "edge.npz", x=edge)
+    e = load_npz(tmp_path / "edge.npz")["x"]
+    assert e.min() == -1.0 and e.max() == 1.0
+    with pytest.raises(ValueError, match="lo < hi"):
+        load_npz(tmp_path / "u8.npz", value_range=(255, 0))
+    with pytest.raises(ValueError, match="pair"):
+        load_npz(tmp_path / "u8.npz", value_range=255)
+
+
+def test_image_folder_refuses_16_bit_and_float_images(tmp_path):
+    f = np.full((6, 6), np.nan, np.float32)
+    Image.fromarray(f).save(tmp_path / "float.tif")  # Pillow mode "F"
+    with pytest.raises(ValueError, match=r"float.tif.*mode 'F'.*load_npz"):
+        load_image_folder(tmp_path, 4)
+    other = tmp_path / "sixteen"
+    other.mkdir()
+    Image.fromarray(np.full((6, 6), 40000, np.uint16)).save(other / "a.png")
+    with pytest.raises(ValueError, match=r"a.png.*16-bit"):
+        load_image_folder(other, 4)
 
 
 def test_make_dataset_unknown_name():

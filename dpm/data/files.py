@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dpm.data.transforms import fit_size, to_unit_range
+from dpm.data.transforms import check_finite, fit_size, to_unit_range
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -17,6 +17,16 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+# Pillow modes wider than 8 bits per channel, which convert("L" / "RGB") would clip.
+_WIDE_MODES = {
+    "F": "32-bit float",
+    "I": "32-bit integer",
+    "I;16": "16-bit",
+    "I;16L": "16-bit",
+    "I;16B": "16-bit",
+    "I;16N": "16-bit",
+}
 
 
 def _check_dir(path: str | os.PathLike, argument: str) -> str:
@@ -55,6 +65,14 @@ def _load_image(file: str, image_size: int, grayscale: bool) -> np.ndarray:
 
     try:
         with Image.open(file) as img:
+            if img.mode in _WIDE_MODES:
+                # convert("L" / "RGB") would clip these to 0..255 (a float image in [0, 1]
+                # would come out black), and a float image may hold NaN
+                raise ValueError(
+                    f"it has Pillow mode {img.mode!r} ({_WIDE_MODES[img.mode]}); "
+                    "load_image_folder reads 8-bit images: convert it to 8-bit, or save the "
+                    "array to an .npz and use load_npz(path, value_range=(lo, hi))"
+                )
             img = img.convert("L" if grayscale else "RGB")
             w, h = img.size
             short = min(w, h)
@@ -80,7 +98,9 @@ def load_image_folder(
 ) -> dict[str, np.ndarray]:
     """All images under a folder (recursive), resized on the short side and centre-cropped.
 
-    Files are read in sorted path order. With ``labels=True`` every image must lie in a
+    Files are read in sorted path order and decoded as 8-bit (0..255, mapped onto [-1, 1]);
+    16-bit and float images are refused, since their range is not known (use :func:`load_npz`
+    with ``value_range``). With ``labels=True`` every image must lie in a
     sub-folder of ``path``; its label is the index of that sub-folder's name in
     ``folder_class_names(path)`` (ImageFolder convention).
 
@@ -98,8 +118,8 @@ def load_image_folder(
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
-      ValueError: ``path`` is not a folder or holds no images, an image cannot be read, or
-        ``labels=True`` with images directly in ``path``.
+      ValueError: ``path`` is not a folder or holds no images, an image cannot be read or is
+        not 8-bit, or ``labels=True`` with images directly in ``path``.
     """
     root = _check_dir(path, "path")
     if image_size <= 0:
@@ -146,7 +166,10 @@ def load_npz(
       y_key: key of integer labels; None tries ``"y"``, ``"labels"``, ``"label"`` and goes
         without labels if none is present.
       value_range: range ``(lo, hi)`` of the stored values, mapped onto ``[-1, 1]``; None
-        means ``(0, 255)`` for integer data and "already in [-1, 1]" for float data.
+        means ``(0, 255)`` for integer data and "already in [-1, 1]" for float data. Values
+        outside the range are refused, not clipped or rescaled: float images in 0..255 need
+        ``value_range=(0, 255)``, and float images in ``[0, 1]`` need ``value_range=(0, 1)``
+        (they lie inside ``[-1, 1]``, so they cannot be told apart and would pass unmapped).
       channels_first: the images are NCHW (converted to NHWC).
       image_size: optional bilinear resize of square images to this side.
 
@@ -156,7 +179,9 @@ def load_npz(
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
-      ValueError: unreadable file, missing key, or labels whose length is not N.
+      ValueError: unreadable file, missing key, NaN or infinite values (with their count),
+        values outside ``value_range`` (saying how to pass the range), or labels that are not
+        N finite integers.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -191,9 +216,28 @@ def load_npz(
         y = npz[yk] if yk is not None else None
     if x.ndim == 0 or len(x) == 0:
         raise ValueError(f"array {xk!r} in {path!r} is empty or scalar, shape {x.shape}")
+    if not any(np.issubdtype(x.dtype, k) for k in (np.integer, np.floating, np.bool_)):
+        raise ValueError(f"array {xk!r} in {path!r} must hold real numbers; got dtype {x.dtype}")
+    check_finite(x, f"array {xk!r} in {path!r}")
+    given = value_range is not None
     if value_range is None:
         value_range = (0.0, 255.0) if np.issubdtype(x.dtype, np.integer) else (-1.0, 1.0)
-    x = to_unit_range(x, *value_range)
+    try:
+        lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"value_range must be a pair (lo, hi), got {value_range!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ValueError(f"value_range must be finite with lo < hi, got {value_range!r}")
+    x_min, x_max = float(np.min(x)), float(np.max(x))
+    slack = 1e-6 * (hi - lo)  # float round-off of data saved at the ends of the range
+    if x_min < lo - slack or x_max > hi + slack:
+        source = "value_range" if given else f"the default for {x.dtype} data"
+        raise ValueError(
+            f"array {xk!r} in {path!r} holds values in [{x_min:.6g}, {x_max:.6g}], outside "
+            f"[{lo:g}, {hi:g}] ({source}), which is mapped onto [-1, 1]; pass the range the "
+            "values were stored in, e.g. load_npz(path, value_range=(0, 255)) for 8-bit values"
+        )
+    x = np.clip(to_unit_range(x, lo, hi), -1.0, 1.0)
     if x.ndim == 4 and channels_first:
         x = np.transpose(x, (0, 2, 3, 1))
     elif x.ndim == 3:
@@ -204,6 +248,12 @@ def load_npz(
         x = fit_size(x, image_size, "bilinear", fill=-1.0)
     out = {"x": np.ascontiguousarray(x)}
     if y is not None:
+        if np.issubdtype(y.dtype, np.inexact):
+            check_finite(y, f"labels {yk!r} in {path!r}")
+            if np.any(y != np.round(y)):
+                raise ValueError(f"labels {yk!r} in {path!r} must be integers; got fractions")
+        elif not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+            raise ValueError(f"labels {yk!r} in {path!r} must be integers; got dtype {y.dtype}")
         if y.shape[:1] != x.shape[:1]:
             raise ValueError(
                 f"labels {yk!r} in {path!r} have shape {y.shape}, expected leading size {len(x)}"
