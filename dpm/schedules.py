@@ -314,6 +314,15 @@ class CosineVP(Schedule):
     s: float = 0.008
     t_max: float = 0.9946
 
+    def __post_init__(self):
+        if _is_number(self.s) and _is_number(self.t_max):
+            # t_max = 1 puts alpha(1) = cos(pi / 2) at 0 (negative in float32: NaN log_snr)
+            if not (0 <= float(self.s) < math.inf and 0 < float(self.t_max) < 1):
+                raise ValueError(
+                    "CosineVP needs a finite s >= 0 and 0 < t_max < 1 (log_snr(1) finite); got "
+                    f"s={self.s}, t_max={self.t_max}"
+                )
+
     def _phi(self, u):
         return (u + self.s) / (1.0 + self.s) * (jnp.pi / 2)
 

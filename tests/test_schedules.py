@@ -132,6 +132,10 @@ def test_bad_input():
         LinearVP(20.0, 0.1)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         EDM(sigma_min=1.0, sigma_max=0.5)
+    with pytest.raises(ValueError, match=r"0 < t_max < 1 .* t_max=1.0"):
+        CosineVP(t_max=1.0)  # alpha(1) = cos(pi / 2): a NaN log_snr in float32
+    with pytest.raises(ValueError, match=r"s >= 0 .* s=-0.5"):
+        CosineVP(s=-0.5)
     with pytest.raises(ValueError, match="num_steps"):
         make_betas("linear", 1)
 
