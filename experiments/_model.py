@@ -15,21 +15,22 @@ import dpm
 import nets
 from experiments.registry import get_schedule
 
-_PRESETS = {"tiny": nets.tiny, "small": nets.small, "ddpm_cifar10": nets.ddpm_cifar10}
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# config.model.preset -> U-Net config builder, config.model.dtype -> compute dtype
+PRESETS = {"tiny": nets.tiny, "small": nets.small, "ddpm_cifar10": nets.ddpm_cifar10}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def unet_config(
     model: ml_collections.ConfigDict, image_size: int, channels: int
 ) -> nets.UNetConfig:
     """The UNetConfig of ``config.model`` (a preset plus overrides)."""
-    if model.preset not in _PRESETS:
-        raise ValueError(f"model.preset must be one of {sorted(_PRESETS)}; got {model.preset!r}")
-    if model.dtype not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}; got {model.dtype!r}")
+    if model.preset not in PRESETS:
+        raise ValueError(f"model.preset must be one of {sorted(PRESETS)}; got {model.preset!r}")
+    if model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {model.dtype!r}")
     overrides: dict[str, Any] = dict(
         num_classes=model.get("num_classes"),
-        dtype=_DTYPES[model.dtype],
+        dtype=DTYPES[model.dtype],
         extra_in_channels=model.get("extra_in_channels", 0),
     )
     for k in ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout"):
@@ -38,7 +39,7 @@ def unet_config(
     if model.preset == "ddpm_cifar10":
         return nets.ddpm_cifar10(in_channels=channels, out_channels=channels,
                                  image_size=image_size, **overrides)
-    return _PRESETS[model.preset](image_size=image_size, channels=channels, **overrides)
+    return PRESETS[model.preset](image_size=image_size, channels=channels, **overrides)
 
 
 def build_unet(cfg: nets.UNetConfig, seed: int) -> tuple[nnx.GraphDef, Any]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import math
 import os
 import time
 from typing import Any
@@ -32,8 +34,20 @@ from dpm.training import (
     warmup_ema_decay,
 )
 from experiments import _io
-from experiments._model import build_unet, make_denoiser, make_loss, make_schedule, unet_config
-from experiments.registry import make_dataset
+from experiments._model import (
+    DTYPES,
+    PRESETS,
+    build_unet,
+    make_denoiser,
+    make_loss,
+    make_schedule,
+    unet_config,
+)
+from experiments.registry import DATASETS, SCHEDULES, dataset_builder, make_dataset
+
+
+class ConfigError(ValueError):
+    """A config field, or the data set it names, that a run cannot use."""
 
 
 @dataclasses.dataclass
@@ -84,6 +98,150 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key} must be {expected}; got {value!r}")
+
+
+def _get(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def _check_int(config, key: str, low: int, *, optional: bool = False) -> None:
+    v = _get(config, key)
+    if optional and v is None:
+        return
+    _check(_is_int(v) and v >= low, key, v,
+           f"{'None or ' if optional else ''}an int >= {low}")
+
+
+def _check_range(config, key: str, low: float, high: float, *, high_open: bool,
+                 optional: bool = False) -> None:
+    v = _get(config, key)
+    if optional and v is None:
+        return
+    ok = _is_number(v) and low <= v and (v < high if high_open else v <= high)
+    _check(ok, key, v, f"{'None or ' if optional else ''}a number in "
+                       f"[{low}, {high}{')' if high_open else ']'}")
+
+
+def _check_choice(config, key: str, choices) -> None:
+    v = _get(config, key)
+    _check(v in choices, key, v, f"one of {list(choices)}")
+
+
+def _check_int_seq(config, key: str, *, allow_empty: bool) -> None:
+    v = _get(config, key)
+    if v is None:
+        return
+    ok = (isinstance(v, list | tuple) and (allow_empty or len(v) > 0)
+          and all(_is_int(i) and i >= 1 for i in v))
+    _check(ok, key, v, f"None or a {'' if allow_empty else 'non-empty '}tuple of ints >= 1")
+
+
+def _check_data(data) -> None:
+    _check(data.name in DATASETS, "data.name", data.name, f"one of {list(DATASETS)}")
+    kwargs = data.kwargs.to_dict() if hasattr(data.kwargs, "to_dict") else data.kwargs
+    _check(isinstance(kwargs, dict), "data.kwargs", kwargs, "a dict of keyword arguments")
+    fn = dataset_builder(data.name)
+    sig = inspect.signature(fn)
+    name = getattr(getattr(fn, "func", fn), "__name__", data.name)
+    accepted = ", ".join(p for p in sig.parameters if p not in ("args", "kwargs"))
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    for key in kwargs:
+        if not takes_any and key not in sig.parameters:
+            raise ConfigError(
+                f"config.data.kwargs.{key} is not an argument of data.name={data.name!r} "
+                f"({name}); its arguments: {accepted}"
+            )
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        raise ConfigError(
+            f"config.data.kwargs {kwargs} do not fit data.name={data.name!r} ({name}: {e}); "
+            f"its arguments: {accepted}"
+        ) from None
+    if "path" in kwargs:
+        path = kwargs["path"]
+        _check(isinstance(path, str | os.PathLike) and os.path.exists(path), "data.kwargs.path",
+               path, "an existing file or folder")
+    _check_range({"data": data}, "data.test_fraction", 0.0, 1.0, high_open=True)
+    _check(_is_int(data.split_seed) and data.split_seed >= 0, "data.split_seed",
+           data.split_seed, "an int >= 0")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every field of a :func:`base_config` training config, before any work is done.
+
+    Fields an experiment adds are its own to check; missing ones of ``base_config`` are errors.
+
+    Raises:
+      ConfigError: (a ``ValueError``) naming the first bad field (``config.train.log_every``),
+        the value it has and what it must be.
+    """
+    try:
+        for section in ("data", "model", "diffusion", "optim", "train"):
+            _check(isinstance(config[section], ml_collections.ConfigDict), section,
+                   config[section], "a ConfigDict")
+        _check(isinstance(config.get("name", "run"), str) and config.get("name", "run"), "name",
+               config.get("name"), "a non-empty str")
+        _check(_is_int(config.seed) and config.seed >= 0, "seed", config.seed, "an int >= 0")
+        _check_data(config.data)
+
+        _check_choice(config, "model.preset", sorted(PRESETS))
+        _check_choice(config, "model.dtype", sorted(DTYPES))
+        _check_int(config, "model.num_classes", 1, optional=True)
+        _check_range(config, "model.label_dropout", 0.0, 1.0, high_open=False)
+        _check_int(config, "model.base_channels", 1, optional=True)
+        _check_int_seq(config, "model.channel_mult", allow_empty=False)
+        _check_int(config, "model.num_res_blocks", 1, optional=True)
+        _check_int_seq(config, "model.attn_resolutions", allow_empty=True)
+        _check_range(config, "model.dropout", 0.0, 1.0, high_open=True, optional=True)
+        _check_int(config, "model.extra_in_channels", 0)
+
+        d = config.diffusion
+        _check_choice(config, "diffusion.schedule", SCHEDULES)
+        _check_int(config, "diffusion.num_steps", 1)
+        _check_choice(config, "diffusion.prediction", dpm.PREDICTIONS)
+        _check_choice(config, "diffusion.weighting", dpm.losses.WEIGHTINGS)
+        _check_choice(config, "diffusion.time_sampler", dpm.losses.TIME_SAMPLERS)
+        _check_choice(config, "diffusion.preconditioning", (None, "edm"))
+        _check(_is_number(d.sigma_data) and d.sigma_data > 0, "diffusion.sigma_data",
+               d.sigma_data, "a number > 0")
+
+        o = config.optim
+        _check(_is_number(o.learning_rate) and o.learning_rate > 0, "optim.learning_rate",
+               o.learning_rate, "a number > 0")
+        _check_int(config, "optim.warmup_steps", 0)
+        _check(_is_number(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay",
+               o.weight_decay, "a number >= 0")
+        _check(o.clip_norm is None or (_is_number(o.clip_norm) and o.clip_norm > 0),
+               "optim.clip_norm", o.clip_norm, "None or a number > 0")
+        _check_range(config, "optim.ema_decay", 0.0, 1.0, high_open=True)
+        _check_choice(config, "optim.schedule", ("cosine", "constant"))
+
+        t = config.train
+        for key in ("steps", "batch_size", "log_every", "ckpt_every", "keep", "sample_steps",
+                    "num_sample_images"):
+            _check_int(config, f"train.{key}", 1)
+        _check_int(config, "train.sample_every", 0)
+        n_dev = jax.device_count()
+        _check(t.batch_size % n_dev == 0, "train.batch_size", t.batch_size,
+               f"a multiple of the {n_dev} devices (the batch is split over them)")
+    except (KeyError, AttributeError) as e:
+        raise ConfigError(f"config lacks a field of base_config(): {e}") from None
+
+
 def _checkpoint_config(config) -> dict[str, Any]:
     # What must match to resume: the model, its diffusion and the data (not step counts).
     return {k: config[k].to_dict() for k in ("model", "diffusion", "data")}
@@ -112,17 +270,24 @@ def train_denoiser(
     EMA, PRNG key and data position) and continues to ``config.train.steps``; a checkpoint of
     another model/diffusion/data config is refused with a clear error.
     """
+    validate_config(config)
     t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
+    try:
+        dataset = make_dataset(config.data.name, **config.data.kwargs.to_dict())
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"config.data (name={config.data.name!r}, kwargs={config.data.kwargs.to_dict()}): {e}"
+        ) from e
     data, test_data = train_test_split(
-        make_dataset(config.data.name, **config.data.kwargs.to_dict()),
-        config.data.get("test_fraction", 0.0), seed=config.data.get("split_seed", 0),
+        dataset, config.data.get("test_fraction", 0.0), seed=config.data.get("split_seed", 0)
     )
     arrays = {"x": data["x"]}
     if config.model.num_classes is not None:
         if "y" not in data:
-            raise ValueError(
-                f"model.num_classes is set but data {config.data.name!r} has no labels"
+            raise ConfigError(
+                f"config.model.num_classes={config.model.num_classes} but data "
+                f"{config.data.name!r} has no labels; set --config.model.num_classes=None"
             )
         arrays["y"] = data["y"]
     it = BatchIterator(arrays, config.train.batch_size, seed=config.seed)

@@ -36,16 +36,16 @@ from dpm.training import (
     shard_batch,
 )
 from experiments import _io
-from experiments._model import _DTYPES, _PRESETS, make_loss
+from experiments._model import DTYPES, PRESETS, make_loss
 from solvers.dpm_solver import dpm_solver_pp
 from solvers.grids import uniform_time
 
 
 def unet_from_args(args) -> nets.UNetConfig:
-    kw = dict(dtype=_DTYPES[args.dtype])
+    kw = dict(dtype=DTYPES[args.dtype])
     if args.preset == "ddpm_cifar10":
         return nets.ddpm_cifar10(**kw)
-    return _PRESETS[args.preset](image_size=args.image_size, channels=args.channels, **kw)
+    return PRESETS[args.preset](image_size=args.image_size, channels=args.channels, **kw)
 
 
 def forward_flops_per_image(cfg: nets.UNetConfig, batch: int = 4) -> float:
@@ -156,10 +156,10 @@ def print_table(r: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny", choices=sorted(_PRESETS))
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--image-size", type=int, default=8)
     p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--sample-batch", type=int, default=256)
     p.add_argument("--nfe", type=int, default=10)

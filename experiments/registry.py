@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,48 @@ import numpy as np
 import dpm
 from dpm import data as D
 
-__all__ = ["SCHEDULES", "get_schedule", "make_dataset"]
+__all__ = ["DATASETS", "SCHEDULES", "dataset_builder", "get_schedule", "make_dataset"]
+
+_BUILDERS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
+    "digits": D.load_digits,
+    "lfw": D.load_lfw_faces,
+    "skimage_patches": D.skimage_patches,
+    "folder": D.load_image_folder,
+    "npz": D.load_npz,
+}
+
+DATASETS = tuple(sorted([*D.TOY_2D_NAMES, "gaussian_mixture", *_BUILDERS]))
+
+
+@functools.wraps(D.gaussian_mixture_samples)
+def _gaussian_mixture(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+    x, y = D.gaussian_mixture_samples(*args, **kwargs)
+    return {"x": x, "y": y}
+
+
+def dataset_builder(name: str) -> Callable[..., dict[str, np.ndarray]]:
+    """The function that ``make_dataset(name, **kwargs)`` calls with ``kwargs``.
+
+    Its signature (``inspect.signature``) lists the keyword arguments the data set takes, so a
+    config's ``data.kwargs`` can be checked before anything is loaded.
+
+    Args:
+      name: one of :data:`DATASETS`.
+
+    Returns:
+      ``fn(**kwargs) -> dict of numpy arrays``.
+
+    Raises:
+      ValueError: ``name`` is not one of :data:`DATASETS`.
+    """
+    if name in D.TOY_2D_NAMES:
+        return functools.partial(D.toy_2d, name)
+    if name == "gaussian_mixture":
+        return _gaussian_mixture
+    if name not in _BUILDERS:
+        raise ValueError(f"name must be one of {list(DATASETS)}, got {name!r}")
+    return _BUILDERS[name]
+
 
 def make_dataset(name: str, **kwargs: Any) -> dict[str, np.ndarray]:
     """Build a data set (dict of arrays with a shared leading N) by name.
@@ -27,28 +69,13 @@ def make_dataset(name: str, **kwargs: Any) -> dict[str, np.ndarray]:
       ``"npz"``: ``D.load_npz``.
 
     Args:
-      name: one of the names above.
+      name: one of the names above (:data:`DATASETS`).
       **kwargs: keyword arguments of the function named above.
 
     Returns:
       dict of numpy arrays: ``"x"`` and, where the source has them, ``"y"`` labels.
     """
-    builders: dict[str, Callable[..., dict[str, np.ndarray]]] = {
-        "digits": D.load_digits,
-        "lfw": D.load_lfw_faces,
-        "skimage_patches": D.skimage_patches,
-        "folder": D.load_image_folder,
-        "npz": D.load_npz,
-    }
-    if name in D.TOY_2D_NAMES:
-        return D.toy_2d(name, **kwargs)
-    if name == "gaussian_mixture":
-        x, y = D.gaussian_mixture_samples(**kwargs)
-        return {"x": x, "y": y}
-    if name not in builders:
-        names = sorted([*D.TOY_2D_NAMES, "gaussian_mixture", *builders])
-        raise ValueError(f"name must be one of {names}, got {name!r}")
-    return builders[name](**kwargs)
+    return dataset_builder(name)(**kwargs)
 
 
 SCHEDULES = ("linear", "scaled_linear", "cosine", "vp_linear", "vp_cosine", "edm")

@@ -2,6 +2,8 @@
 
     python -m experiments.train --workdir runs/digits \\
         --config experiments.train --config.train.steps=5000 --config.data.name=digits
+    python -m experiments.train --workdir runs/mine --config.model.num_classes=None \\
+        --config.data.name=folder --config.data.kwargs.path=path/to/images
 
 Re-running with the same ``--workdir`` resumes from the latest checkpoint. Writes
 ``metrics.jsonl``, ``samples/step_*.png`` and ``checkpoints/`` under the workdir.
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from experiments._cli import parse_args
+from experiments._cli import parse_args, user_errors
 from experiments._runner import base_config, train_denoiser
 
 
@@ -33,8 +35,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Parses ``argv``, trains; a bad config or data set ends with one line ``error: ...``."""
     config, workdir = parse_args(argv, "experiments.train", __doc__.splitlines()[0])
-    trained = train_and_evaluate(config, workdir)
+    with user_errors():
+        trained = train_and_evaluate(config, workdir)
     print(f"trained {trained.steps_run} steps in {trained.seconds:.1f} s; "
           f"state at step {int(trained.state.step)}; outputs in {workdir}")
 
