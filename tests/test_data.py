@@ -117,6 +117,9 @@ def test_iterator_validation():
         BatchIterator({"x": np.zeros(10), "y": np.zeros(9)}, 2, seed=0, **one)
     with pytest.raises(ValueError, match="non-empty"):
         BatchIterator({}, 2, seed=0, **one)
+    nan = {"x": np.where(np.arange(10)[:, None] < 3, np.nan, 0.0) * np.ones((10, 2))}
+    with pytest.raises(ValueError, match=r"arrays\['x'\] holds 6 NaN or infinite value\(s\) of 20"):
+        BatchIterator(nan, 2, seed=0, **one)
     with pytest.raises(ValueError, match="not divisible"):
         BatchIterator(data, 4, seed=0, drop_remainder=False, process_count=4, process_index=0)
     it = BatchIterator(data, 2, seed=0, **one)

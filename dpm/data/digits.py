@@ -10,6 +10,7 @@ __all__ = [
     "load_digits",
 ]
 
+
 def load_digits(image_size: int = 8, *, method: str = "bilinear") -> dict[str, np.ndarray]:
     """scikit-learn's 8x8 handwritten digits (1,797 images, labels 0-9), offline.
 

@@ -10,6 +10,7 @@ __all__ = [
     "load_lfw_faces",
 ]
 
+
 def load_lfw_faces(image_size: int | None = None) -> dict[str, np.ndarray]:
     """The 100 25x25 grayscale faces of ``skimage.data.lfw_subset`` (offline).
 

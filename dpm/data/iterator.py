@@ -18,9 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from dpm.data.transforms import check_finite
+
 __all__ = [
     "BatchIterator",
 ]
+
 
 class BatchIterator:
     """Infinite iterator of (per-process shards of) batches of an in-memory array data set.
@@ -43,8 +46,9 @@ class BatchIterator:
       state: a dict from ``state()`` to resume from (same as calling ``restore``).
 
     Raises:
-      ValueError: on empty/mismatched arrays, non-positive or indivisible batch sizes, a batch
-        larger than the data set with ``drop_remainder``, or a bad process index.
+      ValueError: on empty/mismatched arrays, NaN or infinite values, non-positive or
+        indivisible batch sizes, a batch larger than the data set with ``drop_remainder``, or a
+        bad process index.
     """
 
     def __init__(
@@ -67,6 +71,8 @@ class BatchIterator:
             raise ValueError(
                 f"arrays must share their leading dimension N, got leading sizes {lengths}"
             )
+        for k, v in self.arrays.items():
+            check_finite(v, f"arrays[{k!r}]")  # a NaN data set would train to NaN silently
         self.num_examples = int(next(iter(lengths.values())))
         if self.num_examples == 0:
             raise ValueError("arrays are empty (N = 0); the data set has no examples")
