@@ -133,7 +133,10 @@ class Denoiser:
             return out, (x - a * out) / s
         # v-prediction, any schedule: with x = a x0 + s eps and v = a eps - s x0,
         # a x - s v = (a^2 + s^2) x0 and s x + a v = (a^2 + s^2) eps  (a^2 + s^2 = 1 for VP).
-        n = a * a + s * s
+        t = jnp.asarray(t)
+        # a^2 + s^2 in the schedule's precision: exactly 1 in bfloat16 / float16 for VP
+        n = expand_like(self.schedule.alpha(t) ** 2 + self.schedule.sigma(t) ** 2, x)
+        n = n.astype(x.dtype)
         return (a * x - s * out) / n, (s * x + a * out) / n
 
     def x0(self, x: Array, t: Array) -> Array:

@@ -112,6 +112,24 @@ def test_every_prediction_on_every_schedule_matches_the_oracle(name, x64):
             )
 
 
+def test_v_conversion_keeps_low_precision_vp_exact():
+    """On VP schedules alpha^2 + sigma^2 rounds to exactly 1 in bfloat16, so a bfloat16 v-model
+    gets x0 = alpha x - sigma v with no extra rounding from the general division."""
+    sched = LinearVP()
+    x = jax.random.normal(jax.random.key(0), (4, 3)).astype(jnp.bfloat16)
+    t = jnp.array([0.05, 0.3, 0.7, 1.0])
+    den = Denoiser(lambda x_, t_, c: jnp.tanh(x_), sched, "v")
+    x0, eps = den.predict(x, t)
+    a = sched.alpha(t)[:, None].astype(jnp.bfloat16)
+    s = sched.sigma(t)[:, None].astype(jnp.bfloat16)
+    v = jnp.tanh(x)
+    assert x0.dtype == eps.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(x0, np.float32), np.asarray(a * x - s * v, np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(eps, np.float32), np.asarray(s * x + a * v, np.float32)
+    )
+
+
 def test_guidance_scale_one_is_conditional_and_zero_unconditional():
     sched = DiscreteVP.from_name("linear")
     w = jax.random.normal(jax.random.key(0), (2, 2))
