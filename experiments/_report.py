@@ -3,7 +3,6 @@ report files (markdown + JSON) and metric-vs-NFE curves (PNG)."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -45,11 +44,7 @@ def over_seeds(fn: Callable[[int], Mapping[str, float]], seeds: Sequence[int]) -
 
 
 def _fmt(v: float, digits: int) -> str:
-    if not math.isfinite(v):
-        return str(v)
-    if v != 0 and (abs(v) < 10 ** -(digits - 1) or abs(v) >= 10**5):
-        return f"{v:.{digits - 1}e}"
-    return f"{v:.{digits}g}" if abs(v) >= 1 else f"{v:.{digits}f}".rstrip("0").rstrip(".") or "0"
+    return f"{v:.{digits}g}"
 
 
 def format_mean_sd(cell: Any, digits: int = 3) -> str:

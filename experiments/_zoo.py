@@ -213,7 +213,8 @@ def evaluate(
       labels: (N,) labels the samples were conditioned on (None: no label accuracy).
       judge: the grading classifier.
       test_data: the held-out split, ``{"x": (M, H, W, C), "y": (M,)}``.
-      kid_subsets: KID subsets (subset size ``min(N, M)``).
+      kid_subsets: KID subsets, each of ``min(N, M) // 2`` real and fake features (the sd is
+        that of a half-size estimate: about sqrt(2) times the full estimate's).
       seed: KID subset seed.
 
     Returns:
@@ -229,7 +230,8 @@ def evaluate(
                          f"got {np.shape(samples)}")
     f_fake = judge.features(x)
     f_real = judge.features(test_data["x"])
-    k_mean, k_sd = kid(f_real, f_fake, subset_size=min(len(f_real), len(f_fake)),
+    # subsets of half the smaller set, so that they differ and the sd measures something
+    k_mean, k_sd = kid(f_real, f_fake, subset_size=max(2, min(len(f_real), len(f_fake)) // 2),
                        num_subsets=kid_subsets, seed=seed)
     precision, recall = precision_recall(f_real, f_fake, k=3)
     out = {

@@ -55,7 +55,8 @@ def kid(
     Args:
       f_real: (N1, D) features of real data, N1 >= 2.
       f_fake: (N2, D) features of generated samples, N2 >= 2.
-      subset_size: ``m``, capped at ``min(N1, N2)``; must be >= 2.
+      subset_size: ``m``, capped at ``min(N1, N2)``; must be >= 2. At the cap every subset is
+        a whole set and ``std`` is 0: choose ``m`` below ``min(N1, N2)`` for a spread.
       num_subsets: number of subsets, >= 2.
       seed: seed of the subset draws (numpy ``default_rng``).
 
