@@ -3,6 +3,12 @@
 A data set is a dict of numpy arrays sharing the leading dimension N (``"x"`` for the data,
 ``"y"`` for integer labels where there are any). Images are NHWC float32 in ``[-1, 1]``.
 Nothing is downloaded: every built-in source is made here or ships inside a pip package.
+
+User data is checked where it enters: :func:`load_npz` and :class:`BatchIterator` refuse NaN or
+infinite values (naming the key and the count), :func:`load_npz` refuses values outside its
+``value_range`` (default ``(0, 255)`` for integer arrays, ``[-1, 1]`` for float arrays; float
+images in 0..255 need ``value_range=(0, 255)``) rather than clipping or rescaling them, and
+:func:`load_image_folder` reads 8-bit files only (16-bit and float files are refused).
 """
 
 from dpm.data.bundled import SKIMAGE_COLOR_IMAGES, SKIMAGE_GRAY_IMAGES, skimage_patches
