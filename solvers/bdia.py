@@ -21,16 +21,8 @@ matter for exactness.
 
 In the index of a grid ``ts`` (``ts[0]`` noisiest), ``z_i`` is the state at ``ts[S - i]``.
 
-Stability [analysis, measured in the tests]: the two roots of the linearised recurrence
-multiply to ``-gamma``; one follows the flow (``rho``, the flow's contraction over a step), the
-other, parasitic, is ``-gamma / rho`` in sampling and ``-rho / gamma`` in inversion. Inversion
-thus grows the parasitic component seeded by the local error like ``gamma^-S`` (measured:
-0.8-0.9 of ``log(1/gamma)`` per step on 40-50 step grids): fine for ``gamma`` near 1
-(round-trip editing uses 0.92-1), while for small ``gamma`` at many steps the latent explodes
-and the round trip keeps only the digits the latent's size leaves (it stays exact relative to
-that size). In sampling the parasitic root exceeds 1 where the flow contracts fast (coarse
-steps near the data; ``gamma = 1`` is leapfrog-like), which amplifies round-off by up to
-``sigma_bar_max / s_data`` (float32 BDIA-EDM round trips: ~1e-3).
+The stability of the two-step recurrence (why inversion with small ``gamma`` grows like
+``gamma^-S``) is analysed in ``solvers/NOTES.md``, next to the tests that measure it.
 """
 
 from __future__ import annotations
@@ -44,17 +36,18 @@ import numpy as np
 
 from dpm.denoiser import Denoiser
 from solvers._common import (
+    EDM_SOLVERS,
+    Array,
     GridCoeffs,
-    check_denoiser,
-    check_grid,
+    check_choice,
     check_x,
     ddim_map,
-    grid_coeffs,
+    edm_denoise,
+    edm_point,
+    edm_step,
+    prepare,
     run_scan,
 )
-from solvers.edm import _check_solver, _denoise, _one_step, _Point, _work_dtype
-
-Array = jax.Array
 
 __all__ = ["BDIAPair", "bdia_ddim", "bdia_invert", "bdia_edm", "bdia_edm_invert"]
 
@@ -90,10 +83,7 @@ def _check_gamma(gamma, *, invert: bool) -> None:
         raise ValueError(f"gamma must lie in [0, 1] (0 = plain sampler); got gamma={g!r}")
 
 
-def _check(denoiser, x, ts, method, x_name, x_next=None) -> None:
-    check_denoiser(denoiser)
-    check_x(x, x_name)
-    check_grid(ts, min_steps=1, method=method)
+def _check_x_next(x, x_next) -> None:
     if x_next is not None:
         check_x(x_next, "x_next")
         if x_next.shape != x.shape or x_next.dtype != x.dtype:
@@ -258,7 +248,7 @@ def bdia_ddim(
     x_next: Array | None = None,
     key: Array | None = None,
     return_trajectory: bool = False,
-):
+) -> Array | tuple[Array, dict]:
     """BDIA-DDIM sampler (Zhang, Lewis & Kleijn 2024, eq. of BDIA-DDIM).
 
     ``z_{i-1} = gamma z_{i+1} - gamma D_{i->i+1}(z_i) + D_{i->i-1}(z_i)`` with the DDIM map
@@ -285,9 +275,11 @@ def bdia_ddim(
       ``x_0`` of shape ``x_T.shape`` (and the trajectory dict if asked).
     """
     del key
-    _check(denoiser, x_T, ts, "bdia_ddim", "x_T", x_next)
+    _, g, _, _ = prepare(
+        denoiser, x_T, ts, sampler="bdia_ddim", return_trajectory=return_trajectory
+    )
+    _check_x_next(x_T, x_next)
     _check_gamma(gamma, invert=False)
-    g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, _work_dtype(x_T)))
     gamma = jnp.asarray(gamma, g.t.dtype)
     return _bdia_sample(
         _ddim_maps(denoiser),
@@ -327,9 +319,10 @@ def bdia_invert(
     Returns:
       ``BDIAPair(x_T, x_next)``: the states at ``ts[0]`` and ``ts[1]`` (and the trajectory).
     """
-    _check(denoiser, x_0, ts, "bdia_invert", "x_0")
+    _, g, _, _ = prepare(
+        denoiser, x_0, ts, sampler="bdia_invert", x_name="x_0", return_trajectory=return_trajectory
+    )
     _check_gamma(gamma, invert=True)
-    g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, _work_dtype(x_0)))
     gamma = jnp.asarray(gamma, g.t.dtype)
 
     def first_up(x):  # plain DDIM inversion step (eps-form of the DDIM map)
@@ -354,29 +347,25 @@ def bdia_invert(
 # ----------------------------------------------------------------------------------------------
 
 
-def _pt(p: GridCoeffs | None) -> _Point | None:
-    return None if p is None else _Point(p.t, p.alpha, p.sigma_bar)
-
-
 def _edm_maps(den: Denoiser, solver: str, backward_solver: str) -> Maps:
     def maps(y, cur, down, up, last):
-        cur, down, up = _pt(cur), _pt(down), _pt(up)
-        x0, d = _denoise(den, y, cur)  # evaluation at (z_i, t_i), shared by both maps
-        phi_down = _one_step(den, y, d, cur, down, solver, may_end_at_zero=last)
+        cur, down, up = edm_point(cur), edm_point(down), edm_point(up)
+        x0, d = edm_denoise(den, y, cur)  # evaluation at (z_i, t_i), shared by both maps
+        phi_down = edm_step(den, y, d, cur, down, solver, may_end_at_zero=last)
         phi_up = (
             None
             if up is None
-            else _one_step(den, y, d, cur, up, backward_solver, may_end_at_zero=False)
+            else edm_step(den, y, d, cur, up, backward_solver, may_end_at_zero=False)
         )
         return phi_down, phi_up, (x0, d)
 
     return maps
 
 
-def _check_solvers(solver: str, backward_solver: str | None) -> str:
-    _check_solver(solver)
+def _check_solvers(solver: str, backward_solver: str | None, sampler: str) -> str:
+    check_choice(solver, "solver", EDM_SOLVERS, sampler)
     backward_solver = solver if backward_solver is None else backward_solver
-    _check_solver(backward_solver, "backward_solver")
+    check_choice(backward_solver, "backward_solver", EDM_SOLVERS, sampler)
     return backward_solver
 
 
@@ -395,7 +384,7 @@ def bdia_edm(
     x_next: Array | None = None,
     key: Array | None = None,
     return_trajectory: bool = False,
-):
+) -> Array | tuple[Array, dict]:
     """BDIA-EDM sampler (Zhang, Lewis & Kleijn 2024): the BDIA update with EDM's one-step map.
 
     In EDM's variables ``x_bar = x / alpha``, ``sigma_bar = sigma / alpha`` (see
@@ -434,10 +423,10 @@ def bdia_edm(
       ``x_0`` of shape ``x_T.shape`` (and the trajectory dict if asked).
     """
     del key
-    _check(denoiser, x_T, ts, "bdia_edm", "x_T", x_next)
+    _, g, _, _ = prepare(denoiser, x_T, ts, sampler="bdia_edm", return_trajectory=return_trajectory)
+    _check_x_next(x_T, x_next)
     _check_gamma(gamma, invert=False)
-    backward_solver = _check_solvers(solver, backward_solver)
-    g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, _work_dtype(x_T)))
+    backward_solver = _check_solvers(solver, backward_solver, "bdia_edm")
     gamma = jnp.asarray(gamma, g.t.dtype)
     y_next = None if x_next is None else x_next / g.alpha[1]
     return _bdia_sample(
@@ -482,17 +471,20 @@ def bdia_edm_invert(
     Returns:
       ``BDIAPair(x_T, x_next)`` (and the trajectory dict if asked).
     """
-    _check(denoiser, x_0, ts, "bdia_edm_invert", "x_0")
+    _, g, _, _ = prepare(
+        denoiser, x_0, ts, sampler="bdia_edm_invert", x_name="x_0",
+        return_trajectory=return_trajectory,
+    )  # fmt: skip
     _check_gamma(gamma, invert=True)
-    backward_solver = _check_solvers(solver, backward_solver)
-    g = grid_coeffs(denoiser.schedule, jnp.asarray(ts, _work_dtype(x_0)))
+    backward_solver = _check_solvers(solver, backward_solver, "bdia_edm_invert")
     gamma = jnp.asarray(gamma, g.t.dtype)
 
     def first_up(x_bar):  # plain EDM step from the data up to ts[-2]
         _, d = denoiser.predict(g.alpha[-1] * x_bar, _first_eval_time(g))
-        return _one_step(
-            denoiser, x_bar, d, _pt(_at(g, -1)), _pt(_at(g, -2)), solver, may_end_at_zero=False
-        )
+        return edm_step(
+            denoiser, x_bar, d, edm_point(_at(g, -1)), edm_point(_at(g, -2)), solver,
+            may_end_at_zero=False,
+        )  # fmt: skip
 
     return _bdia_invert(
         _edm_maps(denoiser, solver, backward_solver),

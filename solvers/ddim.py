@@ -1,5 +1,5 @@
 """DDIM (Song, Meng & Ermon, ICLR 2021): the deterministic / eta-stochastic sampler and DDIM
-inversion, plus the DDIM "transfer" map shared with DDPM and PNDM.
+inversion.
 
 The step ``s -> t`` is written in the cancellation-free increment form of PNDM's transfer
 (algebraically the DDIM map ``alpha_t x0_hat + sigma_t eps_hat``):
@@ -8,7 +8,8 @@ The step ``s -> t`` is written in the cancellation-free increment form of PNDM's
               + (alpha_t sigma_s / alpha_s) expm1(lambda_s - lambda_t) eps_hat,
 
 with ``lambda = log(alpha / sigma)``. Both coefficients are accurate for tiny steps and finite at
-``t = 0`` (``lambda_t = inf``: the map returns ``x0_hat``).
+``t = 0`` (``lambda_t = inf``: the map returns ``x0_hat``); the map is
+:func:`solvers._common.transfer`, shared with DDPM and PNDM.
 """
 
 from __future__ import annotations
@@ -17,49 +18,20 @@ import jax
 import jax.numpy as jnp
 
 from dpm.denoiser import Denoiser, expand_like
-from solvers._common import check_denoiser, check_grid, check_x, finish, require_key, run_scan
-from solvers.time_shift import TimeShift, sample_variance, select_shifted_time
-
-Array = jax.Array
+from solvers._common import (
+    Array,
+    check_time_shift,
+    finish,
+    prepare,
+    require_key,
+    run_scan,
+    shift_target,
+    transfer,
+    transfer_coeffs,
+)
+from solvers.time_shift import TimeShift
 
 __all__ = ["ddim", "ddim_invert"]
-
-
-# --------------------------------------------------------------------------------------------
-# Shared by ddim, ddpm and pndm
-# --------------------------------------------------------------------------------------------
-
-
-def _work_dtype(x: Array, ts: Array):
-    """Dtype of times and coefficients: that of ``x`` and ``ts``, at least float32."""
-    return jnp.result_type(x.dtype, jnp.asarray(ts).dtype, jnp.float32)
-
-
-def _logs(schedule, t):
-    la, ls = schedule.log_alpha(t), schedule.log_sigma(t)
-    return la, ls, la - ls
-
-
-def _transfer_coeffs(schedule, s: Array, t: Array, upward: bool = False) -> tuple[Array, Array]:
-    """``(c_x, c_eps)`` of the DDIM map ``s -> t``: ``x_t = x_s + c_x x_s + c_eps eps_hat``.
-
-    ``s``, ``t`` broadcast (per step outside a scan, per example inside one). ``c_eps =
-    sigma_t - alpha_t sigma_s / alpha_s`` is written with a non-positive ``expm1`` argument:
-    finite at ``t = 0`` going down, and at ``s = 0`` going up (``upward``, for inversion).
-    """
-    la_s, ls_s, lam_s = _logs(schedule, s)
-    la_t, ls_t, lam_t = _logs(schedule, t)
-    c_x = jnp.expm1(la_t - la_s)
-    if upward:
-        c_eps = -jnp.exp(ls_t) * jnp.expm1(lam_t - lam_s)
-    else:
-        c_eps = jnp.exp(la_t - la_s + ls_s) * jnp.expm1(lam_s - lam_t)
-    return c_x, c_eps
-
-
-def _transfer(x: Array, eps: Array, c_x: Array, c_eps: Array) -> Array:
-    """PNDM's transfer phi(x, eps, s -> t) with coefficients from :func:`_transfer_coeffs`."""
-    return x + expand_like(c_x, x) * x + expand_like(c_eps, x) * eps
 
 
 def _eta_coeffs(schedule, s: Array, t: Array, eta: Array) -> tuple[Array, Array]:
@@ -70,27 +42,13 @@ def _eta_coeffs(schedule, s: Array, t: Array, eta: Array) -> tuple[Array, Array]
     VP), and the direction coefficient ``sqrt(sigma_t^2 - sigma_eta^2)`` is
     ``sigma_t + c_eta``, ``c_eta = -sigma_t eta^2 r / (1 + sqrt(1 - eta^2 r))``.
     """
-    _, _, lam_s = _logs(schedule, s)
-    _, ls_t, lam_t = _logs(schedule, t)
-    sigma_t = jnp.exp(ls_t)
+    lam_s = schedule.log_alpha(s) - schedule.log_sigma(s)
+    lam_t = schedule.log_alpha(t) - schedule.log_sigma(t)
+    sigma_t = jnp.exp(schedule.log_sigma(t))
     r = -jnp.expm1(2.0 * (lam_s - lam_t))
     e2r = jnp.square(eta) * r
     c_eta = -sigma_t * e2r / (1.0 + jnp.sqrt(jnp.maximum(1.0 - e2r, 0.0)))
     return c_eta, sigma_t * eta * jnp.sqrt(r)
-
-
-def _shift_target(schedule, x: Array, t_next: Array, i: Array, opts: TimeShift) -> Array:
-    """Time-Shift target of step ``i`` (official ``pnm_solver.py`` semantics): ``tau`` chosen
-    from the variance of the current state around the next grid time; ``(B,)``. The first step
-    (``i = 0``) is never shifted; the cutoff is applied by :func:`select_shifted_time`."""
-    tau = select_shifted_time(schedule, sample_variance(x), t_next, opts)
-    return jnp.where(i > 0, tau, t_next)
-
-
-def _uses_shift(time_shift: TimeShift | None) -> bool:
-    if time_shift is not None and not isinstance(time_shift, TimeShift):
-        raise TypeError(f"time_shift must be a TimeShift or None; got {type(time_shift).__name__}")
-    return time_shift is not None and time_shift.window > 0
 
 
 def _check_eta(eta, key) -> bool:
@@ -121,8 +79,8 @@ def ddim(
     eta: float | Array = 0.0,
     time_shift: TimeShift | None = None,
     return_trajectory: bool = False,
-):
-    """DDIM sampling (Song et al. 2021, eq. 12): deterministic for ``eta = 0``.
+) -> Array | tuple[Array, dict]:
+    """DDIM sampling (Song, Meng & Ermon, ICLR 2021, eq. 12): deterministic for ``eta = 0``.
 
     Step ``s -> t``: ``x_t = alpha_t x0_hat + sqrt(sigma_t^2 - sigma_eta^2) eps_hat +
     sigma_eta z`` with ``sigma_eta^2 = eta^2 (sigma_t^2 / sigma_s^2)(1 - alpha_bar_s /
@@ -153,18 +111,13 @@ def ddim(
       ``(S + 1, B, ...)``, ``"x0"`` and ``"eps"`` ``(S, B, ...)`` (model outputs at each step's
       start), ``"nfe"`` (= S) and, with time shift, ``"tau"`` ``(S, B)`` (targets used).
     """
-    check_denoiser(denoiser)
-    check_x(x_T)
-    check_grid(ts, min_steps=1, method="ddim")
+    x, gc, S, dt = prepare(denoiser, x_T, ts, sampler="ddim", return_trajectory=return_trajectory)
     stochastic = _check_eta(eta, key)
-    shifted = _uses_shift(time_shift)
+    shifted = check_time_shift(time_shift)
     sched = denoiser.schedule
-    dt = _work_dtype(x_T, ts)
-    ts = jnp.asarray(ts, dt)
     eta = jnp.asarray(eta, dt)
-    S = ts.shape[0] - 1
-    s, t = ts[:-1], ts[1:]
-    c_x, c_eps = _transfer_coeffs(sched, s, t)
+    s, t = gc.t[:-1], gc.t[1:]
+    c_x, c_eps = transfer_coeffs(sched, s, t)
     c_eta, sigma_eta = _eta_coeffs(sched, s, t, eta)
     keys = jax.random.split(key, S) if stochastic else jnp.zeros((S,))
     xs = (jnp.arange(S), s, t, c_x, c_eps, c_eta, sigma_eta, keys)
@@ -173,25 +126,28 @@ def ddim(
         i, s_i, t_i, cx, ce, cn, sn, k = inp
         x0, eps = denoiser.predict(x, s_i)
         tau = t_i
-        if shifted:  # per-example target tau, coefficients recomputed from it
-            tau = _shift_target(sched, x, t_i, i, time_shift)
-            cx, ce = _transfer_coeffs(sched, s_i, tau)
+        if shifted:  # time shift: per-example target tau, coefficients recomputed from it
+            tau = shift_target(sched, x, t_i, i, time_shift)
+            cx, ce = transfer_coeffs(sched, s_i, tau)
             cn, sn = _eta_coeffs(sched, s_i, tau, eta)
-        x_next = _transfer(x, eps, cx, ce)
-        if stochastic:
+        x_next = transfer(x, eps, cx, ce)  # DDIM map: alpha_t x0_hat + sigma_t eps_hat
+        if stochastic:  # eta > 0: less of eps_hat, fresh noise z
             z = jax.random.normal(k, x.shape, x.dtype)
             x_next = x_next + expand_like(cn, x) * eps + expand_like(sn, x) * z
         x_next = x_next.astype(x.dtype)
         out = dict(x=x_next, x0=x0, eps=eps) | (dict(tau=tau) if shifted else {})
         return x_next, out
 
-    x_0, traj = run_scan(step, x_T, xs, return_trajectory=return_trajectory)
+    x_0, traj = run_scan(step, x, xs, return_trajectory=return_trajectory)
     return finish(x_T, x_0, traj, S, return_trajectory=return_trajectory)
 
 
-def ddim_invert(denoiser: Denoiser, x_0: Array, ts: Array, *, return_trajectory: bool = False):
-    """DDIM inversion (Song et al. 2021, the encoder of their reconstruction experiments): the
-    deterministic DDIM map run upward, encoding data into the latent at ``ts[0]``.
+def ddim_invert(
+    denoiser: Denoiser, x_0: Array, ts: Array, *, return_trajectory: bool = False
+) -> Array | tuple[Array, dict]:
+    """DDIM inversion (Song, Meng & Ermon, ICLR 2021, the encoder of their reconstruction
+    experiments): the deterministic DDIM map run upward, encoding data into the latent at
+    ``ts[0]``.
 
     ``ts`` is the *sampling* grid (descending); the inversion walks it in reverse, from
     ``ts[-1]`` up to ``ts[0]``, with convention (A) of the DDIM paper and LDM's ``encode``:
@@ -210,25 +166,24 @@ def ddim_invert(denoiser: Denoiser, x_0: Array, ts: Array, *, return_trajectory:
       ``x_T`` at ``ts[0]``; with ``return_trajectory`` also ``{"x": (S + 1, B, ...)`` states
       from ``x_0`` up to ``x_T``, ``"eps": (S, B, ...)``, ``"nfe"`` (= S)}.
     """
-    check_denoiser(denoiser)
-    check_x(x_0, "x_0")
-    check_grid(ts, min_steps=1, method="ddim_invert")
+    x, gc, S, dt = prepare(
+        denoiser, x_0, ts, sampler="ddim_invert", x_name="x_0", return_trajectory=return_trajectory
+    )
     if (
         denoiser.prediction == "x0"
         and not isinstance(ts, jax.core.Tracer)
         and float(jnp.asarray(ts)[-1]) == 0.0
     ):
         raise ValueError("ddim_invert with an x0-prediction model needs ts[-1] > 0")
-    dt = _work_dtype(x_0, ts)
-    ts = jnp.asarray(ts, dt)[::-1]  # ascending: inversion order
-    s, t = ts[:-1], ts[1:]
-    c_x, c_eps = _transfer_coeffs(denoiser.schedule, s, t, upward=True)
+    up = gc.t[::-1]  # ascending: inversion order
+    s, t = up[:-1], up[1:]
+    c_x, c_eps = transfer_coeffs(denoiser.schedule, s, t, upward=True)
 
     def step(x, inp):
         s_k, cx, ce = inp
         eps = denoiser.eps(x, s_k)  # convention (A): at (x_{t_k}, t_k)
-        x_next = _transfer(x, eps, cx, ce).astype(x.dtype)
+        x_next = transfer(x, eps, cx, ce).astype(x.dtype)  # DDIM map upward
         return x_next, dict(x=x_next, eps=eps)
 
-    x_T, traj = run_scan(step, x_0, (s, c_x, c_eps), return_trajectory=return_trajectory)
-    return finish(x_0, x_T, traj, s.shape[0], return_trajectory=return_trajectory)
+    x_T, traj = run_scan(step, x, (s, c_x, c_eps), return_trajectory=return_trajectory)
+    return finish(x_0, x_T, traj, S, return_trajectory=return_trajectory)

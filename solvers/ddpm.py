@@ -6,11 +6,17 @@ import jax
 import jax.numpy as jnp
 
 from dpm.denoiser import Denoiser, expand_like
-from solvers._common import check_denoiser, check_grid, check_x, finish, require_key, run_scan
-from solvers.ddim import _logs, _shift_target, _uses_shift, _work_dtype
+from solvers._common import (
+    Array,
+    check_choice,
+    check_time_shift,
+    finish,
+    prepare,
+    require_key,
+    run_scan,
+    shift_target,
+)
 from solvers.time_shift import TimeShift
-
-Array = jax.Array
 
 __all__ = ["ddpm", "VARIANCES"]
 
@@ -25,8 +31,9 @@ def _posterior_coeffs(schedule, s: Array, t: Array, variance: str):
     alpha_t)(sigma_t / sigma_s)^2``, ``fixed_small = sigma_t^2 r`` (beta tilde), ``fixed_large =
     sigma_s^2 r`` (beta'). Valid for any schedule (VDM form); ``t = 0`` gives ``(1, 0, 0)``.
     """
-    la_s, ls_s, lam_s = _logs(schedule, s)
-    la_t, ls_t, lam_t = _logs(schedule, t)
+    la_s, ls_s = schedule.log_alpha(s), schedule.log_sigma(s)
+    la_t, ls_t = schedule.log_alpha(t), schedule.log_sigma(t)
+    lam_s, lam_t = la_s - ls_s, la_t - ls_t
     r = -jnp.expm1(2.0 * (lam_s - lam_t))
     c_x0 = jnp.exp(la_t) * r
     c_x = jnp.exp(la_s - la_t + 2.0 * (ls_t - ls_s))
@@ -43,8 +50,8 @@ def ddpm(
     variance: str = "fixed_small",
     time_shift: TimeShift | None = None,
     return_trajectory: bool = False,
-):
-    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2) on any descending grid.
+) -> Array | tuple[Array, dict]:
+    """DDPM ancestral sampling (Ho, Jain & Abbeel 2020, Algorithm 2) on any descending grid.
 
     Step ``s -> t``: ``x_t = mu_tilde(x_s, x0_hat) + sqrt(var) z`` with the posterior
     ``q(x_t | x_s, x0)``. On a strided grid ``beta'`` is re-derived from the ``alpha_bar``
@@ -76,18 +83,12 @@ def ddpm(
       ``(S + 1, B, ...)``, ``"x0"`` and ``"eps"`` ``(S, B, ...)``, ``"nfe"`` (= S) and, with time
       shift, ``"tau"`` ``(S, B)``.
     """
-    check_denoiser(denoiser)
-    check_x(x_T)
-    check_grid(ts, min_steps=1, method="ddpm")
+    x, gc, S, _ = prepare(denoiser, x_T, ts, sampler="ddpm", return_trajectory=return_trajectory)
     require_key(key, "ddpm")
-    if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
-    shifted = _uses_shift(time_shift)
+    check_choice(variance, "variance", VARIANCES, "ddpm")
+    shifted = check_time_shift(time_shift)
     sched = denoiser.schedule
-    dt = _work_dtype(x_T, ts)
-    ts = jnp.asarray(ts, dt)
-    S = ts.shape[0] - 1
-    s, t = ts[:-1], ts[1:]
+    s, t = gc.t[:-1], gc.t[1:]
     c_x0, c_x, var = _posterior_coeffs(sched, s, t, variance)
     noise = jnp.arange(S) < S - 1  # no noise on the last step
     xs = (jnp.arange(S), s, t, c_x0, c_x, var, noise, jax.random.split(key, S))
@@ -96,15 +97,15 @@ def ddpm(
         i, s_i, t_i, a0, ax, v, add_noise, k = inp
         x0, eps = denoiser.predict(x, s_i)
         tau = t_i
-        if shifted:  # per-example target tau
-            tau = _shift_target(sched, x, t_i, i, time_shift)
+        if shifted:  # time shift: per-example target tau
+            tau = shift_target(sched, x, t_i, i, time_shift)
             a0, ax, v = _posterior_coeffs(sched, s_i, tau, variance)
-        mean = expand_like(a0, x) * x0 + expand_like(ax, x) * x
+        mean = expand_like(a0, x) * x0 + expand_like(ax, x) * x  # posterior mean mu_tilde
         z = jax.random.normal(k, x.shape, x.dtype)
         std = jnp.where(add_noise, jnp.sqrt(v), 0.0)
         x_next = (mean + expand_like(std, x) * z).astype(x.dtype)
         out = dict(x=x_next, x0=x0, eps=eps) | (dict(tau=tau) if shifted else {})
         return x_next, out
 
-    x_0, traj = run_scan(step, x_T, xs, return_trajectory=return_trajectory)
+    x_0, traj = run_scan(step, x, xs, return_trajectory=return_trajectory)
     return finish(x_T, x_0, traj, S, return_trajectory=return_trajectory)

@@ -17,79 +17,26 @@ For a VP or EDM schedule the Denoiser's conversions make ``d`` *exactly* the noi
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dpm.denoiser import Denoiser
-from solvers._common import check_denoiser, check_grid, check_x, grid_coeffs, require_key, run_scan
-
-Array = jax.Array
+from solvers._common import (
+    EDM_SOLVERS,
+    Array,
+    EDMPoint,
+    check_choice,
+    edm_denoise,
+    edm_step,
+    finish,
+    grid_coeffs,
+    prepare,
+    require_key,
+    run_scan,
+)
 
 __all__ = ["edm_euler", "edm_heun", "edm_stochastic"]
-
-SOLVERS = ("euler", "heun")
-
-
-class _Point(NamedTuple):
-    """A point of the EDM time axis: time, ``alpha`` and ``sigma_bar`` (scalars or ``(S,)``)."""
-
-    t: Array
-    alpha: Array
-    sigma_bar: Array
-
-
-def _edm_grid(denoiser: Denoiser, ts: Array, dtype) -> _Point:
-    c = grid_coeffs(denoiser.schedule, jnp.asarray(ts, dtype=dtype))
-    return _Point(c.t, c.alpha, c.sigma_bar)
-
-
-def _work_dtype(x: Array):
-    """Coefficients and state at least in float32 (bf16 would collapse ``alpha`` near 1)."""
-    return jnp.promote_types(x.dtype, jnp.float32)
-
-
-def _check_solver(solver: str, name: str = "solver") -> None:
-    if solver not in SOLVERS:
-        raise ValueError(f"{name} must be one of {SOLVERS}; got {solver!r}")
-
-
-def _denoise(den: Denoiser, x_bar: Array, p: _Point) -> tuple[Array, Array]:
-    """One model evaluation at ``(x_bar; sigma_bar(t))``: ``(D, d)`` with ``d = eps_hat``."""
-    return den.predict(p.alpha * x_bar, p.t)
-
-
-def _one_step(
-    den: Denoiser,
-    x_bar: Array,
-    d_cur: Array,
-    cur: _Point,
-    nxt: _Point,
-    solver: str,
-    *,
-    may_end_at_zero: bool,
-) -> Array:
-    """EDM's one-step map ``x_bar(sigma_bar_cur) -> x_bar(sigma_bar_nxt)`` given
-    ``d_cur = d(x_bar; sigma_bar_cur)``; either direction in ``sigma_bar``.
-
-    Heun (Alg. 1, lines 5-8) evaluates the model once more at the Euler point; onto
-    ``sigma_bar = 0`` it is an Euler step (line 6's ``if``). ``may_end_at_zero`` (static) marks the
-    one step of a grid whose target may be ``t = 0``; only there is the ``if`` a ``lax.cond``.
-    """
-    h = nxt.sigma_bar - cur.sigma_bar
-    x_euler = x_bar + h * d_cur  # Euler step
-    if solver == "euler":
-        return x_euler
-
-    def heun():  # 2nd-order correction
-        _, d_nxt = _denoise(den, x_euler, nxt)
-        return x_bar + h * (0.5 * d_cur + 0.5 * d_nxt)
-
-    if not may_end_at_zero:
-        return heun()
-    return jax.lax.cond(nxt.t > 0, heun, lambda: x_euler)
 
 
 def _edm(
@@ -97,17 +44,17 @@ def _edm(
     x_T: Array,
     ts: Array,
     *,
+    sampler: str,
     solver: str,
     churn: tuple | None,
     key: Array | None,
     return_trajectory: bool,
 ):
     """Algorithms 1 and 2 of EDM in ``x_bar``; ``churn = (S_churn, S_tmin, S_tmax, S_noise)``."""
-    cdt = _work_dtype(x_T)
-    g = _edm_grid(den, ts, cdt)
-    S = g.t.shape[0] - 1
-    cur = _Point(*(a[:-1] for a in g))
-    nxt = _Point(*(a[1:] for a in g))
+    x, gc, S, cdt = prepare(den, x_T, ts, sampler=sampler, return_trajectory=return_trajectory)
+    g = EDMPoint(gc.t, gc.alpha, gc.sigma_bar)
+    cur = EDMPoint(*(a[:-1] for a in g))
+    nxt = EDMPoint(*(a[1:] for a in g))
     if churn is None:
         hat, noise_scale, keys = cur, jnp.zeros_like(cur.t), jnp.zeros((S,), jnp.uint32)
     else:
@@ -123,7 +70,7 @@ def _edm(
         t_hat = jnp.clip(den.schedule.t_of_sigma_bar(sb * (1.0 + gamma)), cur.t, 1.0)
         t_hat = jnp.where(churned, t_hat, cur.t)
         sched_hat = grid_coeffs(den.schedule, t_hat)
-        hat = _Point(
+        hat = EDMPoint(
             t_hat,
             jnp.where(churned, sched_hat.alpha, cur.alpha),
             jnp.where(churned, sched_hat.sigma_bar, sb),
@@ -137,32 +84,26 @@ def _edm(
         p_hat, p_nxt, c_noise, k = xs
         if churn is not None:  # x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) S_noise z
             x_bar = x_bar + c_noise * jax.random.normal(k, x_bar.shape, x_bar.dtype)
-        x0, d = _denoise(den, x_bar, p_hat)
-        x_next = _one_step(den, x_bar, d, p_hat, p_nxt, solver, may_end_at_zero=last)
+        x0, d = edm_denoise(den, x_bar, p_hat)  # D(x_hat; sigma_hat) and the slope d
+        x_next = edm_step(den, x_bar, d, p_hat, p_nxt, solver, may_end_at_zero=last)
         x_next = x_next.astype(cdt)
         return x_next, (p_nxt.alpha * x_next, x0, d)
 
     xs = (hat, nxt, noise_scale, keys)
     x_bar, traj = run_scan(
         lambda c, x: step(c, x, last=False),
-        x_T.astype(cdt) / g.alpha[0],
+        x / g.alpha[0],
         jax.tree.map(lambda a: a[:-1], xs),
         return_trajectory=return_trajectory,
     )
     x_bar, last = step(x_bar, jax.tree.map(lambda a: a[-1], xs), last=True)
-    x_0 = (g.alpha[-1] * x_bar).astype(x_T.dtype)
+    x_0 = g.alpha[-1] * x_bar
     if not return_trajectory:
-        return x_0
-    x, x0, eps = (jnp.concatenate([a, b[None]]) for a, b in zip(traj, last, strict=True))
+        return x_0.astype(x_T.dtype)
+    xs, x0, eps = (jnp.concatenate([a, b[None]]) for a, b in zip(traj, last, strict=True))
     # Heun corrects every step but one onto sigma_bar = 0
     nfe = S + (S - 1 + (g.t[-1] > 0).astype(jnp.int32) if solver == "heun" else 0)
-    return x_0, {"x": jnp.concatenate([x_T[None], x]), "x0": x0, "eps": eps, "nfe": nfe}
-
-
-def _check(denoiser, x_T, ts, method):
-    check_denoiser(denoiser)
-    check_x(x_T)
-    check_grid(ts, min_steps=1, method=method)
+    return finish(x_T, x_0, dict(x=xs, x0=x0, eps=eps), nfe, return_trajectory=True)
 
 
 def edm_euler(
@@ -172,7 +113,7 @@ def edm_euler(
     *,
     key: Array | None = None,
     return_trajectory: bool = False,
-):
+) -> Array | tuple[Array, dict]:
     """Euler sampler of EDM (Karras et al. 2022, Algorithm 1 without the 2nd-order correction).
 
     ``x_bar_{i+1} = x_bar_i + (sigma_bar_{i+1} - sigma_bar_i) d_i``: DDIM (eta = 0) step for step
@@ -190,10 +131,10 @@ def edm_euler(
       ``x_0`` of shape ``x_T.shape`` (and the trajectory dict if asked).
     """
     del key
-    _check(denoiser, x_T, ts, "edm_euler")
     return _edm(
-        denoiser, x_T, ts, solver="euler", churn=None, key=None, return_trajectory=return_trajectory
-    )
+        denoiser, x_T, ts, sampler="edm_euler", solver="euler", churn=None, key=None,
+        return_trajectory=return_trajectory,
+    )  # fmt: skip
 
 
 def edm_heun(
@@ -203,7 +144,7 @@ def edm_heun(
     *,
     key: Array | None = None,
     return_trajectory: bool = False,
-):
+) -> Array | tuple[Array, dict]:
     """Deterministic Heun sampler of EDM (Karras et al. 2022, Algorithm 1).
 
     Each step is Heun's 2nd-order method in ``(x_bar, sigma_bar)``; a step onto ``sigma_bar = 0``
@@ -221,10 +162,10 @@ def edm_heun(
       ``x_0`` of shape ``x_T.shape`` (and the trajectory dict if asked).
     """
     del key
-    _check(denoiser, x_T, ts, "edm_heun")
     return _edm(
-        denoiser, x_T, ts, solver="heun", churn=None, key=None, return_trajectory=return_trajectory
-    )
+        denoiser, x_T, ts, sampler="edm_heun", solver="heun", churn=None, key=None,
+        return_trajectory=return_trajectory,
+    )  # fmt: skip
 
 
 def edm_stochastic(
@@ -239,7 +180,7 @@ def edm_stochastic(
     S_noise: float | Array = 1.0,
     solver: str = "heun",
     return_trajectory: bool = False,
-):
+) -> Array | tuple[Array, dict]:
     """Stochastic sampler of EDM (Karras et al. 2022, Algorithm 2): churn, then a Heun step.
 
     At step i, ``gamma_i = min(S_churn / S, sqrt(2) - 1)`` if ``S_tmin <= sigma_bar_i <= S_tmax``
@@ -267,9 +208,8 @@ def edm_stochastic(
     Raises:
       ValueError: missing key, negative ``S_churn``/``S_noise``, ``S_tmin > S_tmax``, bad grid.
     """
-    _check(denoiser, x_T, ts, "edm_stochastic")
+    check_choice(solver, "solver", EDM_SOLVERS, "edm_stochastic")
     key = require_key(key, "edm_stochastic")
-    _check_solver(solver)
     for name, v in (("S_churn", S_churn), ("S_noise", S_noise)):
         if not isinstance(v, jax.core.Tracer) and np.any(np.asarray(v) < 0):
             raise ValueError(f"{name} must be >= 0; got {v!r}")
@@ -280,6 +220,7 @@ def edm_stochastic(
         denoiser,
         x_T,
         ts,
+        sampler="edm_stochastic",
         solver=solver,
         churn=(S_churn, S_tmin, S_tmax, S_noise),
         key=key,

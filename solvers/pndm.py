@@ -1,7 +1,8 @@
 """Pseudo numerical methods (Liu et al., ICLR 2022, "Pseudo Numerical Methods for Diffusion
 Models on Manifolds"): F-PNDM, S-PNDM and Stable Diffusion's PLMS.
 
-Each step moves ``x`` with the DDIM transfer ``phi(x, e, t -> t')`` (solvers/ddim.py) applied
+Each step moves ``x`` with the DDIM transfer ``phi(x, e, t -> t')`` (``solvers._common.transfer``)
+applied
 to a combined noise estimate ``e``; the methods differ in how ``e`` is made:
 
 * ``"f-pndm"``: 3 pseudo-RK4 warm-up steps (4 evaluations each, midpoint ``(t + t') / 2``),
@@ -20,11 +21,18 @@ import jax
 import jax.numpy as jnp
 
 from dpm.denoiser import Denoiser, expand_like
-from solvers._common import check_denoiser, check_grid, check_x, finish, run_scan
-from solvers.ddim import _shift_target, _transfer, _transfer_coeffs, _uses_shift, _work_dtype
+from solvers._common import (
+    Array,
+    check_choice,
+    check_time_shift,
+    finish,
+    prepare,
+    run_scan,
+    shift_target,
+    transfer,
+    transfer_coeffs,
+)
 from solvers.time_shift import TimeShift
-
-Array = jax.Array
 
 __all__ = ["pndm", "PNDM_VARIANTS"]
 
@@ -58,8 +66,9 @@ def pndm(
     variant: str = "f-pndm",
     time_shift: TimeShift | None = None,
     return_trajectory: bool = False,
-):
-    """PNDM sampling (Liu et al., ICLR 2022): F-PNDM, S-PNDM or PLMS (see the module docstring).
+) -> Array | tuple[Array, dict]:
+    """PNDM sampling (Liu et al., ICLR 2022, pseudo linear multistep on the DDIM transfer):
+    F-PNDM, S-PNDM or PLMS (see the module docstring).
 
     Warm-up: F-PNDM uses ``min(3, S)`` pseudo-RK4 steps (with S <= 3 every step is a pseudo-RK4
     step: NFE ``4 S``); S-PNDM and PLMS one pseudo improved-Euler step. Each phase is one
@@ -90,34 +99,28 @@ def pndm(
       ``(S, B)``.
     """
     del key
-    check_denoiser(denoiser)
-    check_x(x_T)
-    check_grid(ts, min_steps=1, method="pndm")
-    if variant not in PNDM_VARIANTS:
-        raise ValueError(f"variant must be one of {PNDM_VARIANTS}; got {variant!r}")
-    shifted = _uses_shift(time_shift)
+    x, gc, S, dt = prepare(denoiser, x_T, ts, sampler="pndm", return_trajectory=return_trajectory)
+    check_choice(variant, "variant", PNDM_VARIANTS, "pndm")
+    shifted = check_time_shift(time_shift)
     sched = denoiser.schedule
-    dt = _work_dtype(x_T, ts)
-    ts = jnp.asarray(ts, dt)
-    S = ts.shape[0] - 1
     rk4 = variant == "f-pndm"
     W = min(3, S) if rk4 else 1  # warm-up steps
     K = 1 if variant == "s-pndm" else 3  # history length
-    s, t = ts[:-1], ts[1:]
+    s, t = gc.t[:-1], gc.t[1:]
     m = 0.5 * (s + t)
-    c_x, c_eps = _transfer_coeffs(sched, s, t)
-    cm_x, cm_eps = _transfer_coeffs(sched, s, m)
+    c_x, c_eps = transfer_coeffs(sched, s, t)
+    cm_x, cm_eps = transfer_coeffs(sched, s, m)
     i_all = jnp.arange(S)
 
     def target(x, i, s_i, t_i, m_i, cx, ce, cmx, cme):
         if not shifted:
             return t_i, m_i, cx, ce, cmx, cme
-        tau = _shift_target(sched, x, t_i, i, time_shift)
+        tau = shift_target(sched, x, t_i, i, time_shift)
         m_tau = 0.5 * (s_i + tau)
-        return tau, m_tau, *_transfer_coeffs(sched, s_i, tau), *_transfer_coeffs(sched, s_i, m_tau)
+        return tau, m_tau, *transfer_coeffs(sched, s_i, tau), *transfer_coeffs(sched, s_i, m_tau)
 
     def push(hist, e):
-        return jnp.concatenate([e[None], hist[:-1]])
+        return jnp.concatenate([e[None].astype(hist.dtype), hist[:-1]])
 
     def warmup(carry, inp):
         x, hist = carry
@@ -136,14 +139,14 @@ def pndm(
         c_stage = jax.tree.map(lambda *a: jnp.stack(jnp.broadcast_arrays(*a)), *c_stage)
 
         def stage(e_prev, c):  # one call site of the network for all stages (compile time)
-            e_k = denoiser.eps(_transfer(x, e_prev, c[0], c[1]).astype(x.dtype), c[2])
+            e_k = denoiser.eps(transfer(x, e_prev, c[0], c[1]).astype(x.dtype), c[2])
             return e_k.astype(x.dtype), e_k.astype(x.dtype)
 
         _, e_k = jax.lax.scan(stage, jnp.zeros_like(x), c_stage)
         e1 = e_k[0]
         e = jnp.tensordot(jnp.asarray(b, dt), e_k, axes=1)
         e = jnp.where(expand_like(to_zero, x), e1, e)
-        x_next = _transfer(x, e, cx, ce).astype(x.dtype)
+        x_next = transfer(x, e, cx, ce).astype(x.dtype)
         out = dict(x=x_next, eps=e1) | (dict(tau=tau) if shifted else {})
         return (x_next, push(hist, e1)), out
 
@@ -152,15 +155,15 @@ def pndm(
         w, i, s_i, *rest = inp
         tau, _, cx, ce, _, _ = target(x, i, s_i, *rest)
         e_t = denoiser.eps(x, s_i)
-        e = w[0] * e_t + jnp.tensordot(w[1:], hist, axes=1)  # pseudo linear multistep
-        x_next = _transfer(x, e, cx, ce).astype(x.dtype)
+        e = w[0] * e_t + jnp.tensordot(w[1:], hist, axes=1)  # pseudo linear multistep (AB)
+        x_next = transfer(x, e, cx, ce).astype(x.dtype)
         out = dict(x=x_next, eps=e_t) | (dict(tau=tau) if shifted else {})
         return (x_next, push(hist, e_t)), out
 
     per_step = (i_all, s, t, m, c_x, c_eps, cm_x, cm_eps)
-    hist = jnp.zeros((K,) + x_T.shape, x_T.dtype)
+    hist = jnp.zeros((K,) + x.shape, x.dtype)
     carry, traj = run_scan(
-        warmup, (x_T, hist), [a[:W] for a in per_step], return_trajectory=return_trajectory
+        warmup, (x, hist), [a[:W] for a in per_step], return_trajectory=return_trajectory
     )
     if S > W:
         w = _ab_weights(variant, i_all[W:], dt)

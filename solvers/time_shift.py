@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -106,13 +107,39 @@ def select_shifted_time(
     return jnp.where(shift, (tau.astype(dt) + 1.0) / N, t_c)
 
 
+#: The samplers the Time-Shift rule is integrated into (those with a ``time_shift`` option).
+SUPPORTED = ("ddpm", "ddim", "pndm", "dpm_solver (method='multistep')")
+
+
 def time_shift(sampler: Callable, *, window: int, cutoff: float) -> Callable:
-    """The Time-Shift version of a base sampler (``ddpm``, ``ddim``, ``pndm``, ``dpm_solver``).
+    """The Time-Shift Sampler (Li et al., ICLR 2024) version of a base sampler: ``solvers.ddpm``,
+    ``ddim``, ``pndm`` or ``dpm_solver`` (multistep).
+
+    Args:
+      sampler: a base sampler that takes a ``time_shift`` option.
+      window: :attr:`TimeShift.window` (static).
+      cutoff: :attr:`TimeShift.cutoff`.
+
+    Returns:
+      ``shifted(denoiser, x_T, ts, **options)``, the sampler with ``time_shift`` set.
+
+    Raises:
+      TypeError: ``sampler`` has no ``time_shift`` option (e.g. the EDM or BDIA samplers).
 
     Example:
       >>> ts_ddim = time_shift(solvers.ddim, window=10, cutoff=0.3)
       >>> x0 = jax.jit(ts_ddim)(denoiser, x_T, grids.uniform_time(10))
     """
+    try:
+        takes_option = "time_shift" in inspect.signature(sampler).parameters
+    except (TypeError, ValueError):  # not a callable with a signature
+        takes_option = False
+    if not takes_option:
+        name = getattr(sampler, "__name__", type(sampler).__name__)
+        raise TypeError(
+            f"time_shift supports the samplers it is integrated into, {', '.join(SUPPORTED)}; "
+            f"got {name}, which has no time_shift option"
+        )
     opts = TimeShift(window=window, cutoff=cutoff)
 
     @functools.wraps(sampler)
@@ -122,4 +149,3 @@ def time_shift(sampler: Callable, *, window: int, cutoff: float) -> Callable:
         return sampler(denoiser, x_T, ts, time_shift=opts, **kwargs)
 
     return shifted
-

@@ -15,7 +15,9 @@ from jax.scipy.special import ndtr
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
+from test_grids import every_sampler, mixture_denoiser
 
+import solvers
 from dpm.denoiser import Denoiser, classifier_free_guidance
 from dpm.oracle import GaussianMixture
 from dpm.schedules import DiscreteVP, LinearVP
@@ -345,3 +347,71 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="x0-prediction"):
         gm = GaussianMixture.gaussian(MU, 0.5)
         ddim_invert(gm.denoiser(LINEAR, "x0"), x, ts)
+
+
+# --------------------------------------------------------------------------------------------
+# Every sampler: low-precision states, static options, integer options
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(every_sampler()))
+def test_every_sampler_takes_bfloat16(name):
+    """A bfloat16 state is integrated in float32 and returned in bfloat16: the result is the
+    float32 run's from the same start, rounded (BDIA's gamma = 1 recurrence amplifies the
+    float32 round-off of the two programs, hence the looser bound there)."""
+    f, den = every_sampler()[name], mixture_denoiser()
+    x = randn(4, 2).astype(jnp.bfloat16)
+    ts = grids.uniform_log_snr(4, LINEAR)
+    lo, hi = jit(lambda x, ts: (f(den, x, ts), f(den, x.astype(jnp.float32), ts)))(x, ts)
+    assert lo.dtype == jnp.bfloat16 and lo.shape == x.shape and hi.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(hi)))
+    tol = 3e-2 if name.startswith("bdia") else 1e-2
+    np.testing.assert_allclose(np.asarray(lo, np.float32), hi, rtol=tol, atol=tol)
+
+
+def test_traced_static_options_are_clear_errors():
+    """A static option that arrives traced (``jax.jit(sampler)(..., order=3)``) says how to pass
+    it; traced ``ts`` and ``x_T`` stay fine."""
+    _, den = _gauss()
+    x, ts = jnp.ones((2, 2)), grids.uniform_time(4, LINEAR)
+    key = jax.random.key(0)
+    cases = [
+        (solvers.dpm_solver_pp, dict(order=3), "order"),
+        (solvers.dpm_solver, dict(order=2), "order"),
+        (solvers.dpm_solver_pp, dict(lower_order_final=False), "lower_order_final"),
+        (solvers.dpm_solver_pp, dict(denoise_to_zero=True), "denoise_to_zero"),
+        (solvers.dpm_solver_pp, dict(method="fast", nfe=6), "nfe"),
+        (solvers.ddim, dict(return_trajectory=True), "return_trajectory"),
+        (solvers.ddpm, dict(key=key, return_trajectory=True), "return_trajectory"),
+        (solvers.pndm, dict(return_trajectory=True), "return_trajectory"),
+        (solvers.edm_heun, dict(return_trajectory=True), "return_trajectory"),
+        (solvers.bdia_ddim, dict(return_trajectory=True), "return_trajectory"),
+        (solvers.ddim_invert, dict(return_trajectory=True), "return_trajectory"),
+    ]
+    for f, opts, name in cases:
+        static = {k: v for k, v in opts.items() if k == "method"}
+        traced = {k: v for k, v in opts.items() if k != "method"}
+        g = functools.partial(f, **static)
+        with pytest.raises(TypeError, match=rf"{name} is a static option.*functools.partial"):
+            jax.jit(g)(den, x, ts, **traced)
+
+
+def test_integer_options_must_be_ints():
+    _, den = _gauss()
+    x, ts = jnp.ones((2, 2)), grids.uniform_time(4, LINEAR)
+    for f in (solvers.dpm_solver, solvers.dpm_solver_pp):
+        for order in (2.0, 2.5, "2", None):
+            with pytest.raises(ValueError, match=r"order must be 1 or 2 or 3 \(an int"):
+                f(den, x, ts, order=order)
+    with pytest.raises(ValueError, match="nfe must be a positive int"):
+        solvers.dpm_solver(den, x, ts, method="fast", nfe=6.0)
+    with pytest.raises(ValueError, match="window"):
+        solvers.TimeShift(window=2.0)
+    # numpy integers are ints
+    assert solvers.dpm_solver_fast_orders(np.int64(6), np.int64(2)) == (2, 2, 2)
+
+
+def test_time_shift_names_the_samplers_it_supports():
+    for f in (solvers.edm_heun, solvers.bdia_ddim, solvers.dpm_solver_pp, len):
+        with pytest.raises(TypeError, match=r"supports .*ddpm, ddim, pndm, dpm_solver"):
+            solvers.time_shift(f, window=10, cutoff=0.3)

@@ -1,11 +1,18 @@
 """Time grids: shapes, order, end points, the closed forms they follow, and the published index
 lists of the reference codes (shared/spec/solvers.md §1.1)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fastjit import jit
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import solvers
+from dpm.oracle import GaussianMixture
 from dpm.schedules import EDM, CosineVP, DiscreteVP, LinearVP
 from solvers import grids
 from solvers._common import check_grid
@@ -162,3 +169,98 @@ def test_grid_validation_errors():
 def test_grids_are_device_arrays():
     ts = grids.uniform_log_snr(5, LinearVP())
     assert isinstance(ts, jax.Array)
+
+
+# --------------------------------------------------------------------------------------------
+# Every sampler checks its grid, also when the grid is traced (jit, vmap, grad, sharded batch)
+# --------------------------------------------------------------------------------------------
+
+
+def every_sampler():
+    """``name -> f(denoiser, x, ts)`` for every public sampler (and the time-shifted ones)."""
+    key = jax.random.key(0)
+    p = functools.partial
+    shift = functools.partial(solvers.time_shift, window=10, cutoff=0.3)
+    ms = p(solvers.dpm_solver, method="multistep")
+    return {
+        "ddpm": p(solvers.ddpm, key=key),
+        "ddim": solvers.ddim,
+        "ddim_eta": p(solvers.ddim, key=key, eta=0.5),
+        "ddim_invert": solvers.ddim_invert,
+        "f-pndm": solvers.pndm,
+        "s-pndm": p(solvers.pndm, variant="s-pndm"),
+        "plms": p(solvers.pndm, variant="plms"),
+        "dpm_solver": solvers.dpm_solver,
+        "dpm_solver_multistep": ms,
+        "dpm_solver_pp": solvers.dpm_solver_pp,
+        "dpm_solver_pp_3S": p(solvers.dpm_solver_pp, order=3, method="singlestep"),
+        "edm_euler": solvers.edm_euler,
+        "edm_heun": solvers.edm_heun,
+        "edm_stochastic": p(solvers.edm_stochastic, key=key, S_churn=1.0),
+        "bdia_ddim": solvers.bdia_ddim,
+        "bdia_edm": solvers.bdia_edm,
+        "bdia_invert": lambda d, x, ts: solvers.bdia_invert(d, x, ts).x_T,
+        "bdia_edm_invert": lambda d, x, ts: solvers.bdia_edm_invert(d, x, ts).x_T,
+        "time_shift_ddpm": shift(p(solvers.ddpm, key=key)),
+        "time_shift_ddim": shift(solvers.ddim),
+        "time_shift_pndm": shift(solvers.pndm),
+        "time_shift_dpm_solver": shift(ms),
+    }
+
+
+def mixture_denoiser():
+    gm = GaussianMixture.create(
+        means=jnp.array([[1.0, 0.0], [-1.0, 0.0]]), stds=jnp.array([0.3, 0.3])
+    )
+    return gm.denoiser(LINEAR)
+
+
+@pytest.mark.parametrize("name", list(every_sampler()))
+def test_every_sampler_checks_a_traced_grid(name):
+    """Tracing over ts puts the run-time grid check into every sampler's program."""
+    f, den = every_sampler()[name], mixture_denoiser()
+    ts = grids.uniform_log_snr(4, LINEAR)
+    jaxpr = str(jax.make_jaxpr(lambda ts: f(den, jnp.ones((2, 2)), ts))(ts))
+    assert "debug_callback" in jaxpr
+
+
+BAD_GRIDS = {  # (grid of 5 points, the message)
+    "increasing": (lambda ts: ts[::-1], "be strictly decreasing"),
+    "repeated": (lambda ts: ts.at[2].set(ts[1]), "be strictly decreasing"),
+    "nan": (lambda ts: ts.at[1].set(jnp.nan), "be finite"),
+    "above 1": (lambda ts: ts.at[0].set(1.5), r"lie in \[0, 1\]"),
+    "below 0": (lambda ts: ts.at[-1].set(-0.1), r"lie in \[0, 1\]"),
+}
+
+
+def test_traced_grid_errors_at_run_time():
+    """Under jit, vmap, grad and on 8 sharded devices a bad grid is a run-time error naming ts
+    and the problem, never silent NaNs; one compiled program serves every grid."""
+    den = mixture_denoiser()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 2)), jnp.float32)
+    ts = grids.uniform_log_snr(4, LINEAR)
+    run = jit(lambda x, ts: solvers.dpm_solver_pp(den, x, ts))
+    assert np.all(np.isfinite(run(x, ts)))
+    for make, match in BAD_GRIDS.values():
+        with pytest.raises(jax.errors.JaxRuntimeError, match="ts must " + match):
+            np.asarray(run(x, make(ts)))
+    assert np.all(np.isfinite(run(x, ts)))  # a good grid after a bad one runs as before
+
+    # vmap over grids: one bad row fails the batch
+    many = jit(jax.vmap(lambda ts: solvers.ddim(den, x, ts)))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="ts must be strictly decreasing"):
+        np.asarray(many(jnp.stack([ts, ts[::-1]])))
+    # grad through the sampler
+    g = jit(jax.grad(lambda x, ts: jnp.sum(solvers.ddim(den, x, ts) ** 2)))
+    assert np.all(np.isfinite(g(x, ts)))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="ts must be finite"):
+        np.asarray(g(x, ts.at[1].set(jnp.nan)))
+    # a batch sharded over 8 devices
+    mesh = jax.make_mesh((8,), ("data",))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    sharded = jit(lambda x, ts: solvers.ddim(den, x, ts))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"ts must lie in \[0, 1\]"):
+        np.asarray(sharded(xs, ts.at[0].set(1.5)))
+    # a good run replaces the failed run's effect tokens (jax.effects_barrier() is clean again)
+    assert np.all(np.isfinite(sharded(xs, ts)))
+    jax.effects_barrier()
