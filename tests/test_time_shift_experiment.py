@@ -1,0 +1,145 @@
+"""The TS-DPM experiment: bad configs fail before any work, the exposure-bias reference is the
+forward process' closed form, and a smoke run writes a report with every row."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpm.data import load_digits
+from experiments import time_shift as T
+from solvers import time_shift
+from solvers.grids import uniform_time
+
+
+def _smoke_config(root):
+    c = T.get_config()
+    c.zoo_root = os.path.join(root, "zoo")
+    c.zoo_train_steps = 4
+    c.judge_steps = 4
+    c.fast_compile = True
+    c.kid_subsets = 5
+    c.datasets.digits8.num_samples = 20
+    c.datasets.digits8.steps = (3,)
+    c.run = ("digits8",)
+    c.tune.steps = 3
+    c.tune.num_samples = 20
+    c.tune.windows = (40,)
+    c.tune.cutoffs = (0.2,)
+    c.exposure.steps = (3,)
+    return c
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("datasets.digits8.samplers", ("ddim", "heun"), "datasets.digits8.samplers"),
+        ("datasets.digits8.steps", (10, 0), "datasets.digits8.steps"),
+        ("datasets.digits16.steps", (1001,), "datasets.digits16.steps"),
+        ("datasets.digits8.image_size", 32, "datasets.digits8.image_size"),
+        ("tune.windows", (4, -2), "tune.windows"),
+        ("tune.windows", (1000,), "tune.windows"),
+        ("tune.cutoffs", (0.3, 1.5), "tune.cutoffs"),
+        ("tune.cutoffs", (float("nan"),), "tune.cutoffs"),
+        ("tune.seed", 1, "tune.seed"),
+        ("tune.dataset", "cifar", "tune.dataset"),
+        ("exposure.steps", (10, 30), "exposure.steps"),
+        ("seeds", (), "seeds"),
+        ("run", ("digits8", "mnist"), "run"),
+    ],
+)
+def test_bad_config_is_named_before_any_work(tmp_path, key, value, match):
+    c = T.get_config()
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=match):
+        T.train_and_evaluate(c, str(workdir), progress=False, log=lambda *a: None)
+    assert not workdir.exists()  # nothing trained, nothing written
+
+
+def test_forward_variance_matches_closed_form_and_noised_data():
+    from experiments._model import make_schedule
+    from experiments._zoo import digits_config
+
+    schedule = make_schedule(digits_config("eps", 8).diffusion)
+    # independent truth: DDPM's linear betas, alpha_bar at grid index i sits at t = (i+1)/N
+    alpha_bar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+    idx = np.array([999, 799, 499, 199, 49, 0])
+    ts = (idx + 1) / 1000
+    x0 = load_digits(8)["x"][:600]
+    v0 = np.mean(np.var(x0.reshape(len(x0), -1), axis=1, ddof=1))
+    ref = alpha_bar[idx] * v0 + (1.0 - alpha_bar[idx])
+    np.testing.assert_allclose(T.forward_variance(schedule, ts, v0), ref, rtol=2e-4)
+    # Monte Carlo: noised digits; sd of the mean from the chi^2 and cross terms
+    emp = T.empirical_forward_variance(schedule, x0, ts, seed=3)
+    D = x0[0].size
+    s2 = 1.0 - alpha_bar[idx]
+    sd = np.sqrt((2 * s2**2 + 4 * alpha_bar[idx] * s2 * v0) / ((D - 1) * len(x0)))
+    assert np.all(np.abs(emp - ref) < 5 * sd + 1e-9), (emp, ref, sd)
+    # the TS rule's reference ignores the data variance: Gamma-matched index >= grid index
+    rows = T.exposure_rows(schedule, ts, ref, v0)
+    for r in rows:
+        assert r["ratio"] == pytest.approx(1.0, rel=1e-4)
+        assert abs(r["implied_index_forward"] - r["index"]) < 1.0
+        assert r["implied_index_gamma"] >= r["index"] - 1.0
+
+
+def test_smoke_report_rows_exposure_and_window_zero(tmp_path):
+    c = _smoke_config(str(tmp_path))
+    workdir = str(tmp_path / "ts")
+    report = T.train_and_evaluate(c, workdir, progress=False, log=lambda *a: None)
+
+    # report files with one row per sampler (and the floor)
+    md = open(os.path.join(workdir, "report.md")).read()
+    for name in T.SAMPLERS.values():
+        assert f"| {name}, 3 steps |" in md
+    assert "real train digits (floor" in md
+    assert "in-project prox" in md
+    data = json.load(open(os.path.join(workdir, "report.json")))["data"]
+    rows = data["datasets"]["digits8"]["rows"]
+    assert sorted(rows) == sorted(f"{s}/3" for s in T.SAMPLERS)
+    for s in ("exposure_bias.png", "kid_vs_nfe.png"):
+        assert os.path.getsize(os.path.join(workdir, s)) > 1000
+
+    r = report["datasets"]["digits8"]
+    for key, row in r["rows"].items():
+        assert len(row["base"]["kid"]["values"]) == 3 and len(row["dkid"]["values"]) == 3
+        assert row["window"] == 40 and row["cutoff"] == 0.2
+        # the middle step (t = 2/3 -> 1/3) is above the cutoff: TS moves targets there, within
+        # the window, and (in-distribution states) towards the noisier edge
+        sh = row["ts"]["shift"]
+        assert sh["frac_shifted"] > 0 and 0 < sh["mean_shift"] <= 20, (key, sh)
+        assert row["base"]["shift"]["frac_shifted"] == 0
+        for variant in ("base", "ts"):
+            ex = r["exposure"][key][variant]
+            assert len(ex) == 4
+            ratio = np.array([e["ratio"] for e in ex])
+            assert np.all(np.isfinite(ratio)) and np.all(ratio > 0)
+            # x_T is standard normal: its pixel variance is the forward one at t = 1
+            assert ratio[0] == pytest.approx(1.0, abs=0.1)
+    # F-PNDM reports its warm-up evaluations: 3 steps are all pseudo-RK4 (4 NFE each)
+    assert rows["f_pndm/3"]["base"]["nfe"] == 12 and rows["ddim/3"]["base"]["nfe"] == 3
+
+    # TS with window 0 is the base sampler exactly, for every integration point (the base
+    # program is the run's, cached; the window-0 wrapper is compiled here)
+    from experiments._zoo import digits_model
+
+    trained = digits_model(T.zoo_config(c, 8), c.zoo_root, progress=False)
+    labels = np.arange(20) % 10
+    den = trained.denoiser({"label": jnp.asarray(labels)})
+    k_x, k_s = jax.random.split(jax.random.key(0))  # as T.sample at seed 0
+    x_T = jax.random.normal(k_x, (20, 8, 8, 1))
+    ts = uniform_time(3, trained.schedule, t_end=0.0)
+    for name in T.SAMPLERS:
+        base = T.sample(trained, name, 3, labels, 0, fast=True)["x0"]
+        wrapped = time_shift(T.base_sampler(name), window=0, cutoff=0.2)
+        ts0 = jax.jit(lambda d, x, t, k, f=wrapped: f(d, x, t, key=k),
+                      compiler_options={"xla_backend_optimization_level": 0})
+        np.testing.assert_array_equal(base, np.asarray(ts0(den, x_T, ts, k_s)), err_msg=name)
