@@ -8,11 +8,14 @@ Training: images/s of the jitted, data-parallel train step (eps loss, AdamW, EMA
 images/s of DPM-Solver++(2M) at ``--nfe`` evaluations, jitted whole. FLOPs per image come from
 XLA's cost analysis of the forward pass compiled for the CPU (the GPU backend under-counts
 convolutions); a training step is counted as 3x the forward. Prints a table, writes JSON.
+``--fast-compile`` turns XLA's backend optimisations off (minutes less compiling on a CPU, for
+smoke runs; the FLOP counts are unchanged, the throughputs are then not representative).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -48,7 +51,12 @@ def unet_from_args(args) -> nets.UNetConfig:
     return PRESETS[args.preset](image_size=args.image_size, channels=args.channels, **kw)
 
 
-def forward_flops_per_image(cfg: nets.UNetConfig, batch: int = 4) -> float:
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def forward_flops_per_image(
+    cfg: nets.UNetConfig, batch: int = 4, compiler_options: dict | None = None
+) -> float:
     """XLA's FLOP count of one forward pass, per image, compiled for the CPU backend."""
     model = nnx.eval_shape(lambda: nets.UNet(cfg, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -57,7 +65,7 @@ def forward_flops_per_image(cfg: nets.UNetConfig, batch: int = 4) -> float:
     params = jax.tree.map(lambda a: on_cpu(a.shape, a.dtype), params)
     x = on_cpu((batch, cfg.image_size, cfg.image_size, cfg.in_channels), jnp.float32)
     t = on_cpu((batch,), jnp.float32)
-    fwd = jax.jit(lambda p, x, t: nnx.merge(graphdef, p)(x, t))
+    fwd = jax.jit(lambda p, x, t: nnx.merge(graphdef, p)(x, t), compiler_options=compiler_options)
     cost = fwd.lower(params, x, t).compile().cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0]
@@ -77,8 +85,12 @@ def _timeit(fn, n: int) -> float:
 def run(args) -> dict:
     cfg = unet_from_args(args)
     H, C = cfg.image_size, cfg.in_channels
+    opts = FAST_COMPILE if args.fast_compile else None
     mesh = make_mesh()
-    graphdef, params = nnx.split(nets.UNet(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    # initialised as one compiled program (eagerly, each of its ops would be compiled alone)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: nets.UNet(cfg, rngs=nnx.Rngs(0))))
+    params = jax.jit(lambda: nnx.split(nets.UNet(cfg, rngs=nnx.Rngs(0)), nnx.Param)[1],
+                     compiler_options=opts)()
     n_params = sum(x.size for x in jax.tree.leaves(params))
     schedule = dpm.DiscreteVP.from_name("linear")
     diffusion = ml_collections.ConfigDict(dict(prediction="eps", weighting="eps",
@@ -87,7 +99,8 @@ def run(args) -> dict:
     p_rep = replicate(jax.tree.map(jnp.copy, params), mesh)  # the train step donates its state
     opt = make_optimizer(1e-4, total_steps=10_000, warmup_steps=10)
     state = replicate(init_train_state(params, opt, jax.random.key(0)), mesh)
-    step = jit_train_step(make_train_step(loss, opt, ema_decay=0.999), mesh)
+    step = jit_train_step(make_train_step(loss, opt, ema_decay=0.999), mesh,
+                          compiler_options=opts)
     batch = shard_batch({"x": jax.random.normal(jax.random.key(1), (args.train_batch, H, H, C))},
                         mesh)
 
@@ -105,7 +118,7 @@ def run(args) -> dict:
     apply = lambda p, x, c_noise, cond: nnx.merge(graphdef, p)(x, c_noise, cond)
     ts = uniform_time(args.nfe, schedule, t_end=0.0)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=opts)
     def sample(p, x_T):
         den = dpm.network_denoiser(Partial(apply, p), schedule, "eps")
         return dpm_solver_pp(den, x_T, ts, order=2)
@@ -116,13 +129,14 @@ def run(args) -> dict:
     sample_compile = time.perf_counter() - t0
     sample_s = _timeit(lambda: sample(p_rep, x_T), args.iters)
 
-    flops = forward_flops_per_image(cfg)
+    flops = forward_flops_per_image(cfg, compiler_options=opts)
     train_ips = args.train_batch / train_s
     sample_ips = args.sample_batch / sample_s
     result = {
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "preset": args.preset, "dtype": args.dtype, "image_size": H, "channels": C,
+        "fast_compile": bool(args.fast_compile),
         "params": int(n_params),
         "forward_gflop_per_image": flops / 1e9,
         "train_batch": args.train_batch, "sample_batch": args.sample_batch, "nfe": args.nfe,
@@ -166,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--iters", type=int, default=5, help="timed iterations after compilation")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak, for the fraction of peak (H200 bf16 dense: ~790)")
+    p.add_argument("--fast-compile", action="store_true",
+                   help="XLA backend optimisations off: faster compiles, slower steps (smoke runs)")
     p.add_argument("--out", default="runs/bench_train")
     args = p.parse_args(argv)
     r = run(args)

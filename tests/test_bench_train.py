@@ -6,7 +6,8 @@ from experiments import bench_train
 
 def test_bench_train_smoke(tmp_path):
     r = bench_train.main(["--train-batch", "8", "--sample-batch", "8", "--nfe", "2",
-                          "--iters", "1", "--peak-tflops", "1.0", "--out", str(tmp_path)])
+                          "--iters", "1", "--peak-tflops", "1.0", "--fast-compile",
+                          "--out", str(tmp_path)])
     assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0
     # XLA's FLOP count of the tiny preset's forward pass is in the expected range (~15 MFLOP)
     assert 5e-3 < r["forward_gflop_per_image"] < 5e-2
@@ -14,4 +15,6 @@ def test_bench_train_smoke(tmp_path):
     files = os.listdir(tmp_path)
     assert len(files) == 1
     with open(tmp_path / files[0]) as f:
-        assert json.load(f)["preset"] == "tiny"
+        saved = json.load(f)
+    assert saved["preset"] == "tiny" and saved["fast_compile"] is True
+    assert saved["train_images_per_s"] == r["train_images_per_s"]

@@ -415,6 +415,7 @@ def jit_train_step(
     mesh: Mesh | None = None,
     *,
     donate: bool = True,
+    compiler_options: dict[str, Any] | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Jit a train step, data-parallel over ``mesh`` when given, donating the input state.
 
@@ -427,6 +428,8 @@ def jit_train_step(
       train_step: from :func:`make_train_step` (or any ``(state, batch, *extra) -> (state, m)``).
       mesh: a 1-D device mesh, or None.
       donate: donate the input state's buffers to the output (do not reuse the input state).
+      compiler_options: XLA options passed to ``jax.jit`` (e.g.
+        ``{"xla_backend_optimization_level": 0}`` for faster compiles of smoke runs).
 
     Returns:
       ``step(state, batch, *extra) -> (state, metrics)``.
@@ -437,7 +440,7 @@ def jit_train_step(
         return train_step(state, batch, *extra)
 
     if mesh is None:
-        jitted = jax.jit(packed, donate_argnums=donate_argnums)
+        jitted = jax.jit(packed, donate_argnums=donate_argnums, compiler_options=compiler_options)
     else:
         rep = replicated(mesh)
         jitted = jax.jit(
@@ -445,6 +448,7 @@ def jit_train_step(
             in_shardings=(rep, batch_sharding(mesh), rep),
             out_shardings=(rep, rep),
             donate_argnums=donate_argnums,
+            compiler_options=compiler_options,
         )
 
     def step(state: TrainState, batch: PyTree, *extra: Any):
