@@ -234,3 +234,36 @@ def test_readme_npz_command_trains_class_conditional(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no labels" in err[0] and "num_classes=None" in err[0]
+
+
+def _readme_train_commands() -> list[list[str]]:
+    import pathlib
+    import shlex
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Training from the command line", 1)[1].split("\n## ", 1)[0]
+    joined = section.replace("\\\n", " ")
+    return [shlex.split(line)[3:] for line in joined.splitlines()
+            if line.startswith("python -m experiments.train")]
+
+
+def test_readme_commands_parse_and_validate(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from experiments._cli import parse_config_args
+
+    images = tmp_path / "path" / "to" / "images" / "a"
+    images.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "0.png")
+    np.savez(tmp_path / "data.npz", x=np.zeros((8, 8, 8, 1), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    commands = _readme_train_commands()
+    assert len(commands) == 4
+    sources = set()
+    for argv in commands:
+        config, workdir = parse_config_args(argv, "experiments.train")
+        validate_config(config)
+        sources.add(config.data.name)
+        if config.data.name != "digits":
+            assert os.path.exists(config.data.kwargs.path)
+    assert sources == {"digits", "folder", "npz"}
