@@ -355,14 +355,17 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("name", list(every_sampler()))
-def test_every_sampler_takes_bfloat16(name):
+def test_every_sampler_takes_bfloat16_and_checks_a_traced_grid(name):
     """A bfloat16 state is integrated in float32 and returned in bfloat16: the result is the
     float32 run's from the same start, rounded (BDIA's gamma = 1 recurrence amplifies the
-    float32 round-off of the two programs, hence the looser bound there)."""
+    float32 round-off of the two programs, hence the looser bound there). With ``ts`` traced,
+    the program holds the run-time grid check (tests/test_grids.py runs it)."""
     f, den = every_sampler()[name], mixture_denoiser()
     x = randn(4, 2).astype(jnp.bfloat16)
     ts = grids.uniform_log_snr(4, LINEAR)
-    lo, hi = jit(lambda x, ts: (f(den, x, ts), f(den, x.astype(jnp.float32), ts)))(x, ts)
+    traced = jit(lambda x, ts: (f(den, x, ts), f(den, x.astype(jnp.float32), ts))).trace(x, ts)
+    assert "debug_callback" in str(traced.jaxpr)
+    lo, hi = traced.lower().compile()(x, ts)
     assert lo.dtype == jnp.bfloat16 and lo.shape == x.shape and hi.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(hi)))
     tol = 3e-2 if name.startswith("bdia") else 1e-2

@@ -215,15 +215,6 @@ def mixture_denoiser():
     return gm.denoiser(LINEAR)
 
 
-@pytest.mark.parametrize("name", list(every_sampler()))
-def test_every_sampler_checks_a_traced_grid(name):
-    """Tracing over ts puts the run-time grid check into every sampler's program."""
-    f, den = every_sampler()[name], mixture_denoiser()
-    ts = grids.uniform_log_snr(4, LINEAR)
-    jaxpr = str(jax.make_jaxpr(lambda ts: f(den, jnp.ones((2, 2)), ts))(ts))
-    assert "debug_callback" in jaxpr
-
-
 BAD_GRIDS = {  # (grid of 5 points, the message)
     "increasing": (lambda ts: ts[::-1], "be strictly decreasing"),
     "repeated": (lambda ts: ts.at[2].set(ts[1]), "be strictly decreasing"),
