@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.train = ml_collections.ConfigDict(
         dict(steps=2000, batch_size=128, log_every=50, ckpt_every=500, keep=3,
-             sample_every=0, sample_steps=20, num_sample_images=64)
+             sample_every=0, sample_steps=20, num_sample_images=64, fast_compile=False)
     )
     return c
 
@@ -235,6 +235,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                     "num_sample_images"):
             _check_int(config, f"train.{key}", 1)
         _check_int(config, "train.sample_every", 0)
+        _check(isinstance(t.get("fast_compile", False), bool), "train.fast_compile",
+               t.get("fast_compile"), "True or False")
         n_dev = jax.device_count()
         _check(t.batch_size % n_dev == 0, "train.batch_size", t.batch_size,
                f"a multiple of the {n_dev} devices (the batch is split over them)")
@@ -306,7 +308,11 @@ def train_denoiser(
     loss = make_loss(graphdef, schedule, config.diffusion, num_classes=ucfg.num_classes,
                      label_dropout=config.model.label_dropout)
     ema = functools.partial(warmup_ema_decay, decay=o.ema_decay)
-    step_fn = jit_train_step(make_train_step(loss, optimizer, ema_decay=ema), mesh)
+    # fast_compile: XLA backend optimisations off, for smoke runs (compiles in a fraction of the
+    # time, steps run slower)
+    opts = {"xla_backend_optimization_level": 0} if config.train.get("fast_compile") else None
+    step_fn = jit_train_step(make_train_step(loss, optimizer, ema_decay=ema), mesh,
+                             compiler_options=opts)
 
     metrics_log = _io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.train.ckpt_every,

@@ -45,7 +45,13 @@ from solvers.grids import uniform_time
 
 
 def unet_from_args(args) -> nets.UNetConfig:
+    """The U-Net of ``--preset`` with ``--dtype`` and the optional width / depth overrides."""
     kw = dict(dtype=DTYPES[args.dtype])
+    if getattr(args, "base_channels", None):
+        kw["base_channels"] = args.base_channels
+    if getattr(args, "channel_mult", None):
+        kw["channel_mult"] = tuple(int(m) for m in args.channel_mult.split(","))
+        kw["attn_resolutions"] = ()
     if args.preset == "ddpm_cifar10":
         return nets.ddpm_cifar10(**kw)
     return PRESETS[args.preset](image_size=args.image_size, channels=args.channels, **kw)
@@ -136,6 +142,7 @@ def run(args) -> dict:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "preset": args.preset, "dtype": args.dtype, "image_size": H, "channels": C,
+        "base_channels": cfg.base_channels, "channel_mult": list(cfg.channel_mult),
         "fast_compile": bool(args.fast_compile),
         "params": int(n_params),
         "forward_gflop_per_image": flops / 1e9,
@@ -174,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=8)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--base-channels", type=int, default=None, help="override the preset's width")
+    p.add_argument("--channel-mult", default=None,
+                   help="override the preset's levels, e.g. '1,2' (attention is then left out)")
     p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--sample-batch", type=int, default=256)
     p.add_argument("--nfe", type=int, default=10)

@@ -148,7 +148,7 @@ BAD_FIELDS = [
     ("train.steps", -1), ("train.steps", 0), ("train.steps", 2.5), ("train.batch_size", 0),
     ("train.batch_size", 12), ("train.log_every", 0), ("train.ckpt_every", 0),
     ("train.keep", 0), ("train.sample_every", -1), ("train.sample_steps", 0),
-    ("train.num_sample_images", 0), ("train.steps", True),
+    ("train.num_sample_images", 0), ("train.steps", True), ("train.fast_compile", "yes"),
 ]
 
 
@@ -192,7 +192,8 @@ def test_data_path_must_exist(tmp_path):
 TINY = ["--config.train.steps=2", "--config.train.batch_size=8", "--config.train.log_every=1",
         "--config.train.ckpt_every=2", "--config.train.sample_every=0",
         "--config.model.base_channels=8", "--config.model.channel_mult=(1,)",
-        "--config.model.attn_resolutions=()", "--config.optim.warmup_steps=0"]
+        "--config.model.attn_resolutions=()", "--config.optim.warmup_steps=0",
+        "--config.train.fast_compile"]
 
 
 def _steps_in_metrics(workdir) -> list[int]:
