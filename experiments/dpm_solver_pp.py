@@ -1,0 +1,708 @@
+"""DPM-Solver++ (Lu et al. 2022b) in miniature: guided sampling at large classifier-free
+guidance scales, DPM-Solver++(2M)/(3M) (data prediction) against DPM-Solver(2M)/(3M) (noise
+prediction, multistep) and DDIM, with and without dynamic thresholding.
+
+    python -m experiments.dpm_solver_pp --workdir runs/dpm_solver_pp
+
+Two test beds, one time grid for every solver (``config.grid``, default uniform in log-SNR from
+``t = 1`` to the discrete model's first noise level ``t_min = 1/N``, the official code's end point;
+the multistep solvers use the official warm-up and ``lower_order_final`` below 15 steps):
+
+* **The analytic mixture** (``dpm.GaussianMixture``): ten isotropic Gaussians in 64-D whose
+  means are the digits' class means (scaled into ``[-mean_scale, mean_scale]``). The conditional
+  model of class ``c`` is component ``c``, the unconditional one the whole mixture, so the guided
+  denoiser ``eps_u + s (eps_c - eps_u)`` is exact. The reference endpoint is DPM-Solver++(3M) at
+  ``mixture.reference_steps`` steps in float64, checked against DPM-Solver++(2M) at as many steps
+  and, at scale 1 (the conditional Gaussian's own flow), against the closed-form flow map.
+* **The digits U-Net** of the shared zoo (``experiments._zoo``: class-conditional, label
+  dropout 0.1, trained on the train split only). Per guidance scale and sampler: (a) the RMS per
+  pixel distance of the output to a ``reference_steps``-step DPM-Solver++(3M) reference from the
+  same ``x_T`` (checked against DDIM at as many steps), (b) KID, precision/recall and label
+  adherence in the judge's features against the held-out test split, (c) saturated (``|x| > 1``
+  before clipping) and non-finite outputs.
+
+Writes ``<workdir>/report.md``, ``report.json`` and two PNGs (convergence, saturation vs scale);
+the committed copy lives in ``experiments/results/dpm_solver_pp/``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.tree_util import Partial
+
+import dpm
+import solvers
+from experiments import _report, _zoo
+from experiments._cli import parse_args
+
+#: sampler key -> display name. DPM-Solver(2M/3M) is the multistep noise-prediction solver.
+SAMPLERS = {
+    "dpm++2m": "DPM-Solver++(2M)",
+    "dpm++3m": "DPM-Solver++(3M)",
+    "dpm2m": "DPM-Solver(2M)",
+    "dpm3m": "DPM-Solver(3M)",
+    "ddim": "DDIM",
+}
+GRIDS = ("log_snr", "time")
+MAX_SCALE = 20.0  # guidance scales are checked to lie in [1, MAX_SCALE]
+MAX_NFE = 500
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The default run (about 15 min on 2 idle CPU cores, plus the shared zoo training)."""
+    c = ml_collections.ConfigDict()
+    c.name = "dpm_solver_pp"
+    c.seeds = (0, 1, 2)
+    c.samplers = tuple(SAMPLERS)
+    c.nfes = (5, 10, 15, 20, 50)
+    c.scales = (1.0, 2.0, 4.0, 8.0)
+    c.threshold = 0.995  # dynamic thresholding quantile (Imagen / DPM-Solver++)
+    c.grid = "log_snr"
+    c.mixture = ml_collections.ConfigDict(
+        dict(enabled=True, samples=64, mean_scale=0.8, std=0.1, reference_steps=2000,
+             grid_ablation=True)
+    )
+    c.digits = ml_collections.ConfigDict(
+        dict(enabled=True, reference_steps=1000, conv_samples=8, check_samples=4,
+             kid_samples=300, kid_nfe=15, kid_scales=(2.0, 8.0), zoo_root=_zoo.DEFAULT_ROOT,
+             train_steps=0, judge_steps=_zoo.JUDGE_STEPS)
+    )
+    return c
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (before any work)
+# --------------------------------------------------------------------------------------------
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+def _check_seq(name: str, value, ok, expected: str) -> None:
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) == 0:
+        raise ValueError(f"config.{name} must be a non-empty sequence of {expected}; "
+                         f"got {value!r}")
+    for v in value:
+        if not ok(v):
+            raise ValueError(f"config.{name} must contain only {expected}; got {v!r} in "
+                             f"{tuple(value)!r}")
+
+
+def _check_scale(name: str, value) -> None:
+    _check_seq(name, value, lambda s: _is_num(s) and math.isfinite(s) and 1.0 <= s <= MAX_SCALE,
+               f"guidance scales in [1, {MAX_SCALE:g}] (1 = the conditional model)")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every field the run uses; raises ValueError naming the field, the value and what
+    was expected (before any training or sampling)."""
+    _check_seq("seeds", config.seeds, _is_int, "int seeds")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise ValueError(f"config.seeds must be distinct; got {tuple(config.seeds)!r}")
+    _check_seq("samplers", config.samplers, lambda s: s in SAMPLERS,
+               f"sampler names from {tuple(SAMPLERS)}")
+    _check_seq("nfes", config.nfes, lambda n: _is_int(n) and 3 <= n <= MAX_NFE,
+               f"integer NFEs in [3, {MAX_NFE}] (3M needs 3 steps)")
+    _check_scale("scales", config.scales)
+    q = config.threshold
+    if not (_is_num(q) and 0.0 < q <= 1.0):
+        raise ValueError(f"config.threshold must be a quantile in (0, 1] (Imagen: 0.995); "
+                         f"got {q!r}")
+    if config.grid not in GRIDS:
+        raise ValueError(f"config.grid must be one of {GRIDS}; got {config.grid!r}")
+    m, d = config.mixture, config.digits
+    if not (m.enabled or d.enabled):
+        raise ValueError("nothing to run: config.mixture.enabled and config.digits.enabled "
+                         "are both False")
+    top = max(config.nfes)
+    for part, name in ((m, "mixture"), (d, "digits")):
+        r = part.reference_steps
+        if not (_is_int(r) and 2 * top <= r <= 100_000):
+            raise ValueError(f"config.{name}.reference_steps must be an int in "
+                             f"[2 * max(nfes) = {2 * top}, 100000]; got {r!r}")
+    if not (_is_int(m.samples) and m.samples >= 1):
+        raise ValueError(f"config.mixture.samples must be an int >= 1; got {m.samples!r}")
+    if not (_is_num(m.std) and 0.0 < m.std <= 1.0):
+        raise ValueError(f"config.mixture.std must be in (0, 1]; got {m.std!r}")
+    if not (_is_num(m.mean_scale) and 0.0 < m.mean_scale <= 1.0):
+        raise ValueError(f"config.mixture.mean_scale must be in (0, 1]; got {m.mean_scale!r}")
+    for k in ("conv_samples", "check_samples", "kid_samples", "judge_steps", "train_steps"):
+        lo = 0 if k == "train_steps" else (4 if k == "kid_samples" else 1)
+        if not (_is_int(d[k]) and d[k] >= lo):
+            raise ValueError(f"config.digits.{k} must be an int >= {lo}; got {d[k]!r}")
+    if d.check_samples > d.conv_samples:
+        raise ValueError(f"config.digits.check_samples must be <= conv_samples = "
+                         f"{d.conv_samples}; got {d.check_samples!r}")
+    if not (_is_int(d.kid_nfe) and 3 <= d.kid_nfe <= MAX_NFE):
+        raise ValueError(f"config.digits.kid_nfe must be an int in [3, {MAX_NFE}]; "
+                         f"got {d.kid_nfe!r}")
+    _check_scale("digits.kid_scales", d.kid_scales)
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers, grids, guided denoisers
+# --------------------------------------------------------------------------------------------
+
+
+def make_grid(grid: str, nfe: int, schedule: dpm.Schedule) -> jax.Array:
+    """The one grid of a comparison: ``nfe`` steps from ``t = 1`` to ``schedule.t_min``, uniform
+    in log-SNR (``"log_snr"``) or in ``t`` (``"time"``); every sampler here spends one network
+    evaluation per step."""
+    if grid == "log_snr":
+        return solvers.grids.uniform_log_snr(nfe, schedule)
+    if grid == "time":
+        return solvers.grids.uniform_time(nfe, schedule)
+    raise ValueError(f"grid must be one of {GRIDS}; got {grid!r}")
+
+
+def run_sampler(name: str, den: dpm.Denoiser, x_T: jax.Array, ts: jax.Array) -> jax.Array:
+    """Runs sampler ``name`` (a key of :data:`SAMPLERS`) on grid ``ts``; NFE = ``len(ts) - 1``.
+
+    DPM-Solver++ and DPM-Solver are the multistep ones (official warm-up, ``lower_order_final``,
+    the midpoint 2M form, the corrected third-order 3M update of ``solvers``).
+    """
+    if name == "dpm++2m":
+        return solvers.dpm_solver_pp(den, x_T, ts, order=2)
+    if name == "dpm++3m":
+        return solvers.dpm_solver_pp(den, x_T, ts, order=3)
+    if name == "dpm2m":
+        return solvers.dpm_solver(den, x_T, ts, order=2, method="multistep")
+    if name == "dpm3m":
+        return solvers.dpm_solver(den, x_T, ts, order=3, method="multistep")
+    if name == "ddim":
+        return solvers.ddim(den, x_T, ts)
+    raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}; got {name!r}")
+
+
+_sample = jax.jit(run_sampler, static_argnames=("name",))
+
+
+def guided(base: dpm.Denoiser, labels, scales, null_label: int, threshold: float | None):
+    """Classifier-free guidance of ``base`` at per-example ``scales`` (``(B,)``), then dynamic
+    thresholding at quantile ``threshold`` (None: none)."""
+    labels = jnp.asarray(labels, jnp.int32)
+    den = dpm.classifier_free_guidance(
+        base.with_cond({"label": labels}), jnp.asarray(scales),
+        {"label": jnp.full_like(labels, null_label)})
+    if threshold is not None:
+        den = dpm.dynamic_thresholding(den, threshold)
+    return den
+
+
+def pixel_stats(x: np.ndarray) -> dict[str, float]:
+    """Saturation of raw (unclipped) outputs ``(N, ...)``: the fraction of pixels with
+    ``|x| > 1``, of samples with any such pixel, and of samples with a non-finite pixel."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    finite = np.isfinite(x)
+    out = np.where(finite, np.abs(x), 0.0) > 1.0
+    return {"sat_pixels": float(np.mean(out)),
+            "sat_samples": float(np.mean(np.any(out, axis=1))),
+            "nonfinite": float(np.mean(~np.all(finite, axis=1)))}
+
+
+def rms_distance(x: np.ndarray, ref: np.ndarray) -> float:
+    """RMS per pixel of ``x - ref`` over the samples whose output is finite (NaN if none)."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    ref = np.asarray(ref, np.float64).reshape(len(ref), -1)
+    ok = np.all(np.isfinite(x), axis=1)
+    if not ok.any():
+        return float("nan")
+    return float(np.sqrt(np.mean((x[ok] - ref[ok]) ** 2)))
+
+
+# --------------------------------------------------------------------------------------------
+# The analytic class-conditional mixture
+# --------------------------------------------------------------------------------------------
+
+
+def _class_mixture_fn(means, std, schedule, x, t, cond):
+    """eps of component ``label`` (conditional) or of the whole mixture (``label == K``)."""
+    K = means.shape[0]
+    B = x.shape[0]
+    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (B,))
+    stds = jnp.full((K,), std, x.dtype)
+    mixture = dpm.GaussianMixture(means, stds, jnp.full((K,), 1.0 / K, x.dtype))
+    eps_u = mixture.posterior_mean(schedule, x, t)[1]
+    label = cond["label"]
+
+    def one(xi, ti, k):  # the conditional model: one Gaussian, the mixture's component k
+        g = dpm.GaussianMixture(means[k][None], stds[:1], jnp.ones((1,), x.dtype))
+        return g.posterior_mean(schedule, xi[None], ti[None])[1][0]
+
+    eps_c = jax.vmap(one)(x, t, jnp.minimum(label, K - 1))
+    return jnp.where((label == K)[:, None], eps_u, eps_c)
+
+
+def class_mixture(config: ml_collections.ConfigDict, schedule: dpm.Schedule):
+    """``(base denoiser, means (K, D), std)`` of the class-conditional analytic mixture; the
+    denoiser takes ``cond={"label": (B,)}`` with ``label == K`` the unconditional model."""
+    data = dpm.data.load_digits(8)
+    x = data["x"].reshape(len(data["x"]), -1).astype(np.float64)
+    y = data["y"]
+    means = np.stack([x[y == k].mean(0) for k in range(10)]) * config.mixture.mean_scale
+    means = jnp.asarray(means, jnp.result_type(float))
+    std = jnp.asarray(config.mixture.std, means.dtype)
+    fn = Partial(_class_mixture_fn, means, std, schedule)
+    return dpm.Denoiser(fn, schedule, "eps"), means, std
+
+
+def exact_conditional_flow(means, std, schedule, labels, x_T, t0, t1) -> jax.Array:
+    """The closed-form probability-flow map ``t0 -> t1`` of each example's conditional
+    Gaussian (scale 1 of the guided mixture)."""
+    def one(x, k):
+        g = dpm.GaussianMixture(means[k][None], jnp.full((1,), std), jnp.ones((1,), x.dtype))
+        return g.flow(schedule, x[None], t0, t1)[0]
+
+    return jax.vmap(one)(x_T, labels)
+
+
+def run_mixture(config: ml_collections.ConfigDict, log=print) -> dict:
+    """Distance to the float64 reference vs NFE per sampler, scale and thresholding, on the
+    exact guided mixture. Returns ``{"per_seed": ..., "reference_check": ...}``."""
+    m = config.mixture
+    scales = np.asarray(config.scales, np.float64)
+    S = len(scales)
+    out = {"per_seed": {}, "reference_check": {}}
+    with jax.enable_x64(True):
+        schedule = dpm.DiscreteVP.from_name("linear")
+        base, means, std = class_mixture(config, schedule)
+        K, D = means.shape
+        n = m.samples
+        labels = np.arange(n) % K
+        for seed in config.seeds:
+            x_T = jax.random.normal(jax.random.key(1000 + seed), (n, D), jnp.float64)
+            X = jnp.tile(x_T, (S, 1))
+            L = np.tile(labels, S)
+            W = np.repeat(scales, n)
+            res = {}
+            for thr in (None, config.threshold):
+                tkey = "thresholded" if thr else "plain"
+                den = guided(base, L, W, K, thr)
+                t0 = time.perf_counter()
+                ts_ref = make_grid(config.grid, m.reference_steps, schedule)
+                ref = np.asarray(_sample("dpm++3m", den, X, ts_ref))
+                chk = np.asarray(_sample("dpm++2m", den, X, ts_ref))
+                check = {f"{s:g}": rms_distance(chk[i * n:(i + 1) * n], ref[i * n:(i + 1) * n])
+                         for i, s in enumerate(scales)}
+                if thr is None and 1.0 in scales:
+                    i = int(np.where(scales == 1.0)[0][0])
+                    exact = exact_conditional_flow(means, std, schedule, jnp.asarray(labels),
+                                                   x_T, 1.0, float(ts_ref[-1]))
+                    check["exact_flow_scale_1"] = rms_distance(
+                        np.asarray(exact), ref[i * n:(i + 1) * n])
+                out["reference_check"].setdefault(tkey, {})[str(seed)] = check
+                log(f"  mixture seed {seed} {tkey}: reference ({m.reference_steps} steps) "
+                    f"{time.perf_counter() - t0:.1f}s; check {check}")
+                grids_here = [config.grid]
+                if m.grid_ablation:
+                    grids_here += [g for g in GRIDS if g != config.grid]
+                for grid in grids_here:
+                    for name in config.samplers:
+                        if grid != config.grid and name not in ("dpm++2m", "dpm2m"):
+                            continue
+                        for nfe in config.nfes:
+                            x = np.asarray(_sample(name, den, X, make_grid(grid, nfe, schedule)))
+                            for i, s in enumerate(scales):
+                                sl = slice(i * n, (i + 1) * n)
+                                r = {"distance": rms_distance(x[sl], ref[sl]),
+                                     **pixel_stats(x[sl])}
+                                res[(grid, name, tkey, nfe, float(s))] = r
+            out["per_seed"][seed] = res
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The digits U-Net
+# --------------------------------------------------------------------------------------------
+
+
+def zoo_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The zoo's class-conditional eps digits config (``digits.train_steps > 0`` overrides its
+    training length, for smoke tests)."""
+    zc = _zoo.digits_config(kind="eps", image_size=8)
+    if config.digits.train_steps:
+        zc.train.steps = int(config.digits.train_steps)
+        zc.train.ckpt_every = max(1, min(zc.train.ckpt_every, zc.train.steps))
+        zc.train.log_every = max(1, min(zc.train.log_every, zc.train.steps))
+        zc.optim.warmup_steps = min(zc.optim.warmup_steps, max(zc.train.steps - 1, 0))
+    return zc
+
+
+def _images(trained, n: int, key) -> jax.Array:
+    u = trained.unet
+    return jax.random.normal(key, (n, u.image_size, u.image_size, u.in_channels))
+
+
+def run_digits_convergence(config, trained, log=print) -> dict:
+    """(a) distance to the reference and (c) saturation, every sampler x NFE x scale x
+    thresholding, ``conv_samples`` per seed (all seeds and scales in one batch)."""
+    d = config.digits
+    scales = np.asarray(config.scales, np.float32)
+    seeds, S, n = list(config.seeds), len(config.scales), d.conv_samples
+    K = trained.unet.num_classes
+    labels = np.arange(n) % K
+    # batch layout: (seed, scale, sample)
+    x_T = jnp.concatenate([jnp.tile(_images(trained, n, jax.random.key(seed)), (S, 1, 1, 1))
+                           for seed in seeds])
+    L = np.tile(labels, S * len(seeds))
+    W = np.tile(np.repeat(scales, n), len(seeds))
+    base = trained.denoiser(None)
+    sched = trained.schedule
+
+    def split(x):
+        return {(seed, float(s)): x[(j * S + i) * n:(j * S + i + 1) * n]
+                for j, seed in enumerate(seeds) for i, s in enumerate(scales)}
+
+    per_seed = {seed: {} for seed in seeds}
+    check = {}
+    for thr in (None, config.threshold):
+        tkey = "thresholded" if thr else "plain"
+        den = guided(base, L, W, K, thr)
+        t0 = time.perf_counter()
+        ts_ref = make_grid(config.grid, d.reference_steps, sched)
+        ref = np.asarray(_sample("dpm++3m", den, x_T, ts_ref))
+        # the second reference (DDIM, as many steps) on the first check_samples of each block
+        c = d.check_samples
+        idx = np.concatenate([np.arange(b * n, b * n + c) for b in range(S * len(seeds))])
+        chk = np.asarray(_sample("ddim", guided(base, L[idx], W[idx], K, thr), x_T[idx],
+                                 ts_ref))
+        check[tkey] = {f"{s:g}": rms_distance(chk[W[idx] == s], ref[idx][W[idx] == s])
+                       for s in scales}
+        ref_parts = split(ref)
+        log(f"  digits {tkey}: references ({d.reference_steps} steps) "
+            f"{time.perf_counter() - t0:.1f}s; DDIM-vs-++(3M) RMS {check[tkey]}")
+        for name in config.samplers:
+            t0 = time.perf_counter()
+            for nfe in config.nfes:
+                x = np.asarray(_sample(name, den, x_T, make_grid(config.grid, nfe, sched)))
+                for (seed, s), xs in split(x).items():
+                    per_seed[seed][(config.grid, name, tkey, nfe, s)] = {
+                        "distance": rms_distance(xs, ref_parts[(seed, s)]), **pixel_stats(xs)}
+            log(f"  digits {tkey} {SAMPLERS[name]}: {time.perf_counter() - t0:.1f}s")
+    return {"per_seed": per_seed, "reference_check": check}
+
+
+def run_digits_quality(config, trained, judge, log=print) -> dict:
+    """(b) KID / precision / recall / label adherence with the judge and (c) saturation, at
+    NFE ``digits.kid_nfe`` and the ``kid_scales``, ``kid_samples`` per seed and setting."""
+    d = config.digits
+    scales = np.asarray(d.kid_scales, np.float32)
+    S, n = len(scales), d.kid_samples
+    K = trained.unet.num_classes
+    labels = np.arange(n) % K
+    base = trained.denoiser(None)
+    ts = make_grid(config.grid, d.kid_nfe, trained.schedule)
+    per_seed = {}
+    for seed in config.seeds:
+        x_T = jnp.tile(_images(trained, n, jax.random.key(10_000 + seed)), (S, 1, 1, 1))
+        L, W = np.tile(labels, S), np.repeat(scales, n)
+        res = {}
+        for thr in (None, config.threshold):
+            tkey = "thresholded" if thr else "plain"
+            den = guided(base, L, W, K, thr)
+            for name in config.samplers:
+                x = np.asarray(_sample(name, den, x_T, ts))
+                for i, s in enumerate(scales):
+                    xs = x[i * n:(i + 1) * n]
+                    ev = _zoo.evaluate(xs, labels, judge, trained.test_data, seed=seed)
+                    res[(name, tkey, float(s))] = {**ev, **pixel_stats(xs)}
+        per_seed[seed] = res
+        log(f"  digits quality seed {seed} done")
+    floor = {seed: _zoo.floor(trained.data, trained.test_data, judge, n, seed=seed)
+             for seed in config.seeds}
+    return {"per_seed": per_seed, "floor": floor}
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation, figures, report
+# --------------------------------------------------------------------------------------------
+
+
+def _aggregate(per_seed: dict, seeds) -> dict:
+    """``{seed: {setting: {metric: v}}}`` -> ``{setting: {metric: over_seeds entry}}``."""
+    settings = list(per_seed[seeds[0]])
+    return {k: _report.over_seeds(lambda s, k=k: per_seed[s][k], seeds) for k in settings}
+
+
+def _fmt_cell(cell, digits=2) -> str:
+    if not math.isfinite(cell["mean"]):
+        return "diverged"
+    return f"{cell['mean']:.{digits}g} ± {cell['sd']:.1g}"
+
+
+def _distance_tables(agg: dict, config, grid: str, samplers, title: str) -> str:
+    parts = []
+    for s in config.scales:
+        rows = {}
+        for name in samplers:
+            for tkey in ("plain", "thresholded"):
+                key0 = (grid, name, tkey, config.nfes[0], float(s))
+                if key0 not in agg:
+                    continue
+                row_name = SAMPLERS[name] + (" + thresholding" if tkey == "thresholded" else "")
+                rows[row_name] = {
+                    f"NFE {nfe}": _fmt_cell(agg[(grid, name, tkey, nfe, float(s))]["distance"])
+                    for nfe in config.nfes}
+        parts.append(f"**{title}, guidance scale {s:g}** (RMS per pixel distance to the "
+                     "reference, mean ± sd over seeds)\n\n"
+                     + _report.markdown_table(rows, [f"NFE {n}" for n in config.nfes],
+                                              row_header="sampler"))
+    return "\n".join(parts)
+
+
+def _json_settings(agg: dict) -> list[dict]:
+    keys = ("grid", "sampler", "thresholding", "nfe", "scale")
+    out = []
+    for k, v in agg.items():
+        if len(k) == 3:
+            row = dict(zip(("sampler", "thresholding", "scale"), k, strict=True))
+        else:
+            row = dict(zip(keys, k, strict=True))
+        out.append({**row, **v})
+    return out
+
+
+def plot_convergence(path, config, mix_agg, dig_agg, scale) -> str:
+    """Distance to the reference vs NFE at guidance ``scale`` (mixture | digits)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(a, t) for a, t in ((mix_agg, "analytic mixture (exact guided denoiser)"),
+                                  (dig_agg, "digits U-Net (zoo, eps)")) if a]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), dpi=100,
+                             squeeze=False)
+    for ax, (agg, title) in zip(axes[0], panels, strict=True):
+        for j, name in enumerate(config.samplers):
+            for tkey, style in (("plain", "-"), ("thresholded", "--")):
+                y = [agg[(config.grid, name, tkey, nfe, float(scale))]["distance"]["mean"]
+                     for nfe in config.nfes]
+                ax.plot(config.nfes, y, style, marker="o", ms=3, color=f"C{j}",
+                        label=SAMPLERS[name] + (" +thr" if tkey == "thresholded" else ""))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("RMS per pixel to the reference")
+        ax.set_title(f"{title}, scale {scale:g}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"Convergence to a {config.digits.reference_steps}-step DPM-Solver++(3M) "
+                 "reference (mixture: float64) from the same x_T; no judge network: a "
+                 f"pixel distance. Grid: uniform in {config.grid}", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_saturation(path, config, dig_agg, nfe) -> str:
+    """Fraction of pixels with ``|x| > 1`` (raw output) vs guidance scale at ``nfe``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for j, name in enumerate(config.samplers):
+        for tkey, style in (("plain", "-"), ("thresholded", "--")):
+            y = [dig_agg[(config.grid, name, tkey, nfe, float(s))]["sat_pixels"]["mean"]
+                 for s in config.scales]
+            ax.plot(config.scales, y, style, marker="o", ms=3, color=f"C{j}",
+                    label=SAMPLERS[name] + (" +thr" if tkey == "thresholded" else ""))
+    ax.set_xlabel("guidance scale")
+    ax.set_ylabel("fraction of pixels with |x| > 1 (before clipping)")
+    ax.set_title(f"Digits U-Net, NFE {nfe}: saturation vs guidance scale\n(no judge network: "
+                 "a pixel statistic of the raw sampler output)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def verdict(report: dict) -> list[str]:
+    """The headline claims, checked on the measured numbers (criteria stated in each line)."""
+    lines = []
+    cfg = report["config"]
+    grid, scales = cfg["grid"], cfg["scales"]
+    big = float(max(scales))
+    for part in ("mixture", "digits"):
+        agg = report.get(f"_{part}_agg")
+        if not agg:
+            continue
+
+        def dist(name, tkey, nfe, s, agg=agg):
+            return agg[(grid, name, tkey, nfe, float(s))]["distance"]["mean"]
+
+        nfes = [n for n in (15, 20) if n in cfg["nfes"]]
+        if not nfes or "dpm++2m" not in cfg["samplers"]:
+            continue
+        top = max(cfg["nfes"])
+        pp = {n: dist("dpm++2m", "plain", n, big) for n in nfes}
+        lines.append(
+            f"{part}: at scale {big:g}, DPM-Solver++(2M) distance to the reference at NFE "
+            + ", ".join(f"{n}: {pp[n]:.3g}" for n in nfes)
+            + f" (NFE {top}: {dist('dpm++2m', 'plain', top, big):.3g}).")
+        for name in ("dpm2m", "dpm3m"):
+            if name not in cfg["samplers"]:
+                continue
+            ratios = []
+            for s in (min(scales), big):
+                r = [dist(name, "plain", n, s) / dist("dpm++2m", "plain", n, s) for n in nfes]
+                ratios.append(float(np.mean(r)))
+            worse = not math.isfinite(ratios[1]) or ratios[1] > 1.5
+            lines.append(
+                f"{part}: {SAMPLERS[name]} / DPM-Solver++(2M) distance ratio at NFE "
+                f"{'/'.join(map(str, nfes))}: {ratios[0]:.2f} at scale {min(scales):g}, "
+                f"{ratios[1]:.2f} at scale {big:g} -> noise-prediction "
+                + ("degrades (ratio > 1.5)" if worse else "does NOT degrade (ratio <= 1.5)")
+                + " at large guidance.")
+    q = report.get("_quality_agg")
+    if q:
+        s = float(max(cfg["digits"]["kid_scales"]))
+        for name in cfg["samplers"]:
+            a, b = q[(name, "plain", s)], q[(name, "thresholded", s)]
+            dk = a["kid"]["mean"] - b["kid"]["mean"]
+            tol = math.hypot(a["kid"]["sd"], b["kid"]["sd"])
+            word = "helps" if dk > tol else ("hurts" if -dk > tol else "makes no clear difference")
+            lines.append(
+                f"digits, scale {s:g}, NFE {cfg['digits']['kid_nfe']}: thresholding {word} for "
+                f"{SAMPLERS[name]} (KID {a['kid']['mean']:.3g} -> {b['kid']['mean']:.3g}, "
+                f"accuracy {a['accuracy']['mean']:.3f} -> {b['accuracy']['mean']:.3f}, "
+                f"pixels |x|>1 {a['sat_pixels']['mean']:.3f} -> {b['sat_pixels']['mean']:.3f}).")
+    return lines
+
+
+def write_outputs(report: dict, workdir: str, judge_text: str) -> tuple[str, str]:
+    """report.md, report.json and the figures under ``workdir``."""
+    cfg = ml_collections.ConfigDict(report["config"])
+    figures, tables = [], []
+    mix, dig, q = report.get("_mixture_agg"), report.get("_digits_agg"), report.get("_quality_agg")
+    big = float(max(cfg.scales))
+    figures.append(plot_convergence(os.path.join(workdir, "convergence.png"), cfg, mix, dig,
+                                    big))
+    if dig:
+        nfe = cfg.digits.kid_nfe if cfg.digits.kid_nfe in cfg.nfes else cfg.nfes[0]
+        figures.append(plot_saturation(os.path.join(workdir, "saturation.png"), cfg, dig, nfe))
+    if q:
+        rows = {}
+        for (name, tkey, s), v in q.items():
+            rows[f"{SAMPLERS[name]}{' + thr' if tkey == 'thresholded' else ''}, scale {s:g}"] = v
+        fl = report["digits"]["floor"]
+        rows["real train-split digits (floor)"] = fl
+        cols = [("kid", "KID"), ("accuracy", "label accuracy"), ("precision", "precision"),
+                ("recall", "recall"), ("sat_pixels", "pixels |x|>1"),
+                ("sat_samples", "samples with |x|>1"), ("nonfinite", "non-finite")]
+        tables.append(
+            f"**Digits U-Net, NFE {cfg.digits.kid_nfe}, {cfg.digits.kid_samples} samples per "
+            f"seed and setting, mean ± sd over {len(cfg.seeds)} seeds** (judge features vs the "
+            "held-out test split)\n\n"
+            + _report.markdown_table(rows, cols, row_header="sampler, guidance", digits=3))
+    if dig:
+        tables.append(_distance_tables(dig, cfg, cfg.grid, cfg.samplers, "Digits U-Net"))
+        sat_rows = {}
+        nfe = cfg.digits.kid_nfe if cfg.digits.kid_nfe in cfg.nfes else cfg.nfes[0]
+        for name in cfg.samplers:
+            for tkey in ("plain", "thresholded"):
+                sat_rows[SAMPLERS[name] + (" + thr" if tkey == "thresholded" else "")] = {
+                    f"scale {s:g}": dig[(cfg.grid, name, tkey, nfe, float(s))]["sat_pixels"]
+                    for s in cfg.scales}
+        tables.append(f"**Digits U-Net, NFE {nfe}: fraction of pixels with |x| > 1 before "
+                      f"clipping ({cfg.digits.conv_samples} samples per seed)**\n\n"
+                      + _report.markdown_table(sat_rows, [f"scale {s:g}" for s in cfg.scales],
+                                               row_header="sampler", digits=2))
+    if mix:
+        tables.append(_distance_tables(mix, cfg, cfg.grid, cfg.samplers, "Analytic mixture"))
+        other = [g for g in GRIDS if g != cfg.grid]
+        if cfg.mixture.grid_ablation and other:
+            tables.append(_distance_tables(mix, cfg, other[0], ("dpm++2m", "dpm2m"),
+                                           f"Analytic mixture, grid ablation: uniform in "
+                                           f"{other[0]}"))
+    checks = []
+    for part in ("mixture", "digits"):
+        if part in report:
+            checks.append(f"- {part}: {report[part]['reference_check']}")
+    notes = "\n".join([
+        "## Headline check\n",
+        *[f"- {line}" for line in report["verdict"]],
+        "",
+        "## Reference agreement (RMS per pixel between the two references, per scale)\n",
+        *checks,
+        "",
+        f"Command: `{report['command']}`; wall time {report['seconds']:.0f} s.",
+    ])
+    data = {k: v for k, v in report.items() if not k.startswith("_")}
+    for part in ("mixture", "digits", "quality"):
+        if report.get(f"_{part}_agg"):
+            data[f"{part}_settings"] = _json_settings(report[f"_{part}_agg"])
+    return _report.write_report(
+        workdir, "report", "\n".join(tables), data, figures, judge=judge_text,
+        title="DPM-Solver++ in miniature: guided sampling, convergence, thresholding",
+        notes=notes)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress=True,
+                       log=print) -> dict:
+    """Runs the mixture and digits comparisons and writes the report under ``workdir``."""
+    validate_config(config)
+    t_start = time.perf_counter()
+    seeds = list(config.seeds)
+    report = {"config": config.to_dict(),
+              "command": "python -m experiments.dpm_solver_pp --workdir " + workdir}
+    judge_text = ("Mixture: no judge (exact reference). ")
+    if config.mixture.enabled:
+        log("analytic mixture ...")
+        mix = run_mixture(config, log=log)
+        report["mixture"] = {"reference_check": mix["reference_check"]}
+        report["_mixture_agg"] = _aggregate(mix["per_seed"], seeds)
+    if config.digits.enabled:
+        zc = zoo_config(config)
+        trained = _zoo.digits_model(zc, root=config.digits.zoo_root, progress=progress)
+        _, judge = _zoo.judges(trained.data, config.digits.zoo_root, trained.test_data,
+                               steps=config.digits.judge_steps)
+        judge_text += _zoo.judge_description(judge, config.digits.judge_steps)
+        log("digits: convergence and saturation ...")
+        conv = run_digits_convergence(config, trained, log=log)
+        log("digits: KID / adherence ...")
+        qual = run_digits_quality(config, trained, judge, log=log)
+        report["digits"] = {
+            "model": _zoo.zoo_name(zc), "train_steps": int(trained.state.step),
+            "reference_check": conv["reference_check"],
+            "floor": _report.over_seeds(lambda s: qual["floor"][s], seeds)}
+        report["_digits_agg"] = _aggregate(conv["per_seed"], seeds)
+        report["_quality_agg"] = _aggregate(qual["per_seed"], seeds)
+    report["verdict"] = verdict(report)
+    report["seconds"] = time.perf_counter() - t_start
+    write_outputs(report, workdir, judge_text)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    config, workdir = parse_args(argv, "experiments.dpm_solver_pp", __doc__.splitlines()[0],
+                                 validate=validate_config)
+    report = train_and_evaluate(config, workdir)
+    print("\n".join(report["verdict"]))
+    print(f"report: {os.path.join(workdir, 'report.md')} ({report['seconds']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
