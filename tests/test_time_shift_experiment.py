@@ -97,12 +97,14 @@ def test_smoke_report_rows_exposure_and_window_zero(tmp_path):
     report = T.train_and_evaluate(c, workdir, progress=False, log=lambda *a: None)
 
     # report files with one row per sampler (and the floor)
-    md = open(os.path.join(workdir, "report.md")).read()
+    with open(os.path.join(workdir, "report.md")) as f:
+        md = f.read()
     for name in T.SAMPLERS.values():
         assert f"| {name}, 3 steps |" in md
     assert "real train digits (floor" in md
     assert "in-project prox" in md
-    data = json.load(open(os.path.join(workdir, "report.json")))["data"]
+    with open(os.path.join(workdir, "report.json")) as f:
+        data = json.load(f)["data"]
     rows = data["datasets"]["digits8"]["rows"]
     assert sorted(rows) == sorted(f"{s}/3" for s in T.SAMPLERS)
     for s in ("exposure_bias.png", "kid_vs_nfe.png"):
@@ -113,9 +115,12 @@ def test_smoke_report_rows_exposure_and_window_zero(tmp_path):
         assert len(row["base"]["kid"]["values"]) == 3 and len(row["dkid"]["values"]) == 3
         assert row["window"] == 40 and row["cutoff"] == 0.2
         # the middle step (t = 2/3 -> 1/3) is above the cutoff: TS moves targets there, within
-        # the window, and (in-distribution states) towards the noisier edge
+        # the window; on the state-variance path (DDIM/DDPM/PNDM) towards the noisier edge,
+        # since a state's pixel variance exceeds Gamma = 1 - alpha_bar near its label
         sh = row["ts"]["shift"]
-        assert sh["frac_shifted"] > 0 and 0 < sh["mean_shift"] <= 20, (key, sh)
+        assert sh["frac_shifted"] > 0 and abs(sh["mean_shift"]) <= 20, (key, sh)
+        if row["sampler"] != "dpm_solver":
+            assert sh["mean_shift"] > 0, (key, sh)
         assert row["base"]["shift"]["frac_shifted"] == 0
         for variant in ("base", "ts"):
             ex = r["exposure"][key][variant]
