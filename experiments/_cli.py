@@ -94,6 +94,21 @@ def _unknown(path: str, where: str, node, key: str) -> str:
             f"(known: {', '.join(known)})")
 
 
+def _join_values(argv: Sequence[str]) -> list[str]:
+    """``--config.key value`` -> ``--config.key=value`` (literal-typed fields take no separate
+    value in config_flags)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        m = _OVERRIDE.match(arg)
+        if (m is not None and m.group(2) is None and not arg.startswith(("-no", "--no"))
+                and i + 1 < len(argv) and not argv[i + 1].startswith("-")):
+            arg, i = f"{arg}={argv[i + 1]}", i + 1
+        out.append(arg)
+        i += 1
+    return out
+
+
 def _prepare_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
     """Checks every ``--config.key`` of ``argv`` names a field, adds new keys of ``kwargs`` dicts
     and makes None-able fields literal-typed, so that config_flags can parse them."""
@@ -138,6 +153,7 @@ def _parse_flags(
     config: ml_collections.ConfigDict, argv: Sequence[str], extra_flags: bool = True
 ) -> tuple[ml_collections.ConfigDict, flags.FlagValues]:
     """Applies the ``--config.key=value`` flags of ``argv`` to ``config`` with config_flags."""
+    argv = _join_values(argv)
     _prepare_overrides(config, argv)
     full = ["prog", *argv]
     fv = flags.FlagValues()

@@ -71,8 +71,10 @@ def test_parse_args_and_load_config(tmp_path):
         ["--workdir", str(tmp_path), "--config.train.steps=7"], "experiments.train", "x"
     )
     assert config.train.steps == 7 and workdir == str(tmp_path)
-    config, workdir = parse_args(["--config.train.steps", "9"], "experiments.train", "x")
+    config, workdir = parse_args(["--config.train.steps", "9", "--config.model.num_classes",
+                                  "None"], "experiments.train", "x")
     assert config.train.steps == 9 and workdir == os.path.join("runs", "train")
+    assert config.model.num_classes is None
     f = tmp_path / "cfg.py"
     f.write_text("import ml_collections\n"
                  "def get_config():\n    return ml_collections.ConfigDict({'a': 1, 'name': 'f'})\n")
