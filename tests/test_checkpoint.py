@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fastjit import jit
 
 from dpm.training import (
     Checkpointer,
@@ -20,6 +21,8 @@ from dpm.training import (
     make_train_step,
     replicated,
 )
+
+FAST = jit.keywords["compiler_options"]  # the tests' fast-compile XLA options
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"model": {"width": 8}, "lr": 0.01, "seed": 0}
@@ -57,7 +60,7 @@ def train_step_fn():
     # one jitted step for the whole module (compiled once)
     if "step" not in _STEP:
         _, opt = fresh_state()
-        _STEP["step"] = jit_train_step(make_train_step(mlp_loss, opt))
+        _STEP["step"] = jit_train_step(make_train_step(mlp_loss, opt), compiler_options=FAST)
     return _STEP["step"]
 
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fastjit import jit
 from jax.sharding import PartitionSpec
 
 from dpm.training import (
@@ -21,6 +22,8 @@ from dpm.training import (
     shard_batch,
 )
 from dpm.training import sharding as parallel
+
+FAST = jit.keywords["compiler_options"]  # the tests' fast-compile XLA options
 
 N_DEVICES = 8
 
@@ -100,7 +103,7 @@ def test_sharded_step_matches_single_device(grad_accum_steps):
     train_step = make_train_step(_noisy_loss, opt, grad_accum_steps=grad_accum_steps)
     state0 = init_train_state(_params(), opt, jax.random.key(0))
 
-    single = jit_train_step(train_step, donate=False)
+    single = jit_train_step(train_step, compiler_options=FAST, donate=False)
     s1 = state0
     for i in range(3):
         s1, m1 = single(s1, _batch(i))
@@ -108,7 +111,8 @@ def test_sharded_step_matches_single_device(grad_accum_steps):
     mesh = make_mesh()
     # donates its input state; traced (compiled) once for all steps
     chex.clear_trace_counter()
-    sharded = jit_train_step(chex.assert_max_traces(train_step, n=1), mesh)
+    sharded = jit_train_step(chex.assert_max_traces(train_step, n=1), mesh,
+                             compiler_options=FAST)
     s8 = replicate(state0, mesh)
     for i in range(3):
         s8, m8 = sharded(s8, shard_batch(_batch(i), mesh))
@@ -128,7 +132,8 @@ def test_sharded_step_matches_single_device(grad_accum_steps):
 def test_sharded_step_refuses_indivisible_batch():
     opt = make_optimizer(0.01, total_steps=10)
     mesh = make_mesh()
-    sharded = jit_train_step(make_train_step(_noisy_loss, opt), mesh, donate=False)
+    sharded = jit_train_step(make_train_step(_noisy_loss, opt), mesh, donate=False,
+                             compiler_options=FAST)
     state = replicate(init_train_state(_params(), opt, jax.random.key(0)), mesh)
     bad = {k: v[:12] for k, v in _batch(0).items()}
     with pytest.raises(ValueError, match=r"\['x'\] has leading size 12.*8 devices"):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fastjit import jit
 
 from dpm.training import (
     TrainState,
@@ -19,6 +20,8 @@ from dpm.training import (
     make_optimizer,
     make_train_step,
 )
+
+FAST = jit.keywords["compiler_options"]  # the tests' fast-compile XLA options
 
 D_IN, D_OUT, B = 3, 2, 8
 
@@ -72,7 +75,8 @@ def test_train_step_reduces_loss():
     lr = make_lr_schedule(0.05, total_steps=150, warmup_steps=10)
     opt = make_optimizer(0.05, total_steps=150, warmup_steps=10)
     state = init_train_state(init_params(0), opt, jax.random.key(1))
-    step = jit_train_step(make_train_step(regression_loss, opt, learning_rate=lr))
+    step = jit_train_step(make_train_step(regression_loss, opt, learning_rate=lr),
+                          compiler_options=FAST)
     losses = []
     for i in range(150):
         state, metrics = step(state, make_batch(i))
@@ -89,7 +93,7 @@ def test_first_adamw_step_closed_form(x64):
     eta, eps = 0.01, 1e-8
     opt = make_optimizer(eta, total_steps=100, schedule="constant", eps=eps, clip_norm=None)
     state = init_train_state(params, opt, jax.random.key(1))
-    new_state, metrics = jax.jit(make_train_step(regression_loss, opt))(state, batch)
+    new_state, metrics = jit(make_train_step(regression_loss, opt))(state, batch)
 
     # gradient of mean_j |x_j w + b - y_j|^2 by hand
     w, b = np.asarray(params["w"]), np.asarray(params["b"])
@@ -111,7 +115,7 @@ def test_weight_decay_applies_to_matrices_only(x64):
     opt = make_optimizer(eta, total_steps=10, schedule="constant", weight_decay=wd)
     state = init_train_state(params, opt, jax.random.key(1))
     zero_loss = lambda p, batch, key: 0.0 * jnp.sum(p["w"]) * batch["x"][:, 0]
-    new_state, _ = jax.jit(make_train_step(zero_loss, opt))(state, make_batch(0))
+    new_state, _ = jit(make_train_step(zero_loss, opt))(state, make_batch(0))
     np.testing.assert_allclose(new_state.params["w"], params["w"] * (1 - eta * wd), rtol=1e-14)
     np.testing.assert_array_equal(new_state.params["b"], params["b"])
 
@@ -137,7 +141,7 @@ def test_two_clipped_adamw_steps_closed_form(x64):
     for clip_norm in (c, None):
         opt = make_optimizer(eta, total_steps=10, schedule="constant", clip_norm=clip_norm)
         state = init_train_state({"w": jnp.asarray(p0)}, opt, jax.random.key(0))
-        step = jax.jit(make_train_step(linear_loss, opt))
+        step = jit(make_train_step(linear_loss, opt))
         for batch in batches:
             state, metrics = step(state, batch)
         expected = adam_closed_form(clip=clip_norm is not None)
@@ -186,7 +190,7 @@ def test_train_step_ema_closed_form_with_frozen_params():
     params = init_params(0)
     state = init_train_state(params, opt, jax.random.key(1))
     state = state.replace(ema_params=jax.tree.map(jnp.zeros_like, params))
-    step = jax.jit(make_train_step(regression_loss, opt, ema_decay=d))
+    step = jit(make_train_step(regression_loss, opt, ema_decay=d))
     for i in range(k):
         state, _ = step(state, make_batch(i))
     assert_trees_equal(state.params, params)
@@ -215,7 +219,7 @@ def test_edm_ema_in_train_step():
     opt = make_optimizer(0.05, total_steps=100)
     state = init_train_state(init_params(0), opt, jax.random.key(1))
     decay = functools.partial(edm_ema_decay, batch_size=B, ema_halflife_kimg=0.01)
-    step = jax.jit(make_train_step(regression_loss, opt, ema_decay=decay))
+    step = jit(make_train_step(regression_loss, opt, ema_decay=decay))
     state, _ = step(state, make_batch(0))
     assert_trees_equal(state.ema_params, state.params)
     ema = state.ema_params
@@ -229,8 +233,8 @@ def test_edm_ema_in_train_step():
 def test_grad_accumulation_equals_full_batch():
     opt = make_optimizer(0.05, total_steps=10, weight_decay=0.01)
     state = init_train_state(init_params(0), opt, jax.random.key(1))
-    full = jax.jit(make_train_step(regression_loss, opt))
-    accum = jax.jit(make_train_step(regression_loss, opt, grad_accum_steps=2))
+    full = jit(make_train_step(regression_loss, opt))
+    accum = jit(make_train_step(regression_loss, opt, grad_accum_steps=2))
     s_full, s_acc = state, state
     for i in range(3):
         batch = make_batch(i)
@@ -248,7 +252,7 @@ def test_grad_accumulation_equals_full_batch():
 def test_nonfinite_batch_is_skipped():
     opt = make_optimizer(0.05, total_steps=10)
     state = init_train_state(init_params(0), opt, jax.random.key(1))
-    step = jax.jit(make_train_step(regression_loss, opt))
+    step = jit(make_train_step(regression_loss, opt))
     bad = make_batch(0)
     bad["y"][3, 1] = np.nan
     new, metrics = step(state, bad)
@@ -265,13 +269,13 @@ def test_nonfinite_batch_is_skipped():
     # a finite loss with a non-finite gradient (d|b|/db at b = 0 is 0/0) is skipped too
     norm_loss = lambda p, batch, key: jnp.sqrt(jnp.sum(p["b"] ** 2)) + 0.0 * batch["x"][:, 0]
     zero_b = state.replace(params={**state.params, "b": jnp.zeros(D_OUT)})
-    new, metrics = jax.jit(make_train_step(norm_loss, opt))(zero_b, make_batch(0))
+    new, metrics = jit(make_train_step(norm_loss, opt))(zero_b, make_batch(0))
     assert float(metrics["loss"]) == 0.0 and not np.isfinite(float(metrics["grad_norm"]))
     assert int(new.skipped) == 1
     assert_trees_equal(new.params, zero_b.params)
     # without skipping the NaN reaches the parameters
     unguarded = make_train_step(regression_loss, opt, skip_nonfinite=False)
-    nan_state, _ = jax.jit(unguarded)(state, bad)
+    nan_state, _ = jit(unguarded)(state, bad)
     assert np.isnan(np.asarray(nan_state.params["w"])).any()
 
 
@@ -282,7 +286,7 @@ def test_key_split_each_step_is_deterministic():
 
     opt = make_optimizer(0.05, total_steps=10)
     state0 = init_train_state(init_params(0), opt, jax.random.key(1))
-    step = jax.jit(make_train_step(noise_loss, opt))
+    step = jit(make_train_step(noise_loss, opt))
     runs = []
     for _ in range(2):
         state, losses = state0, []
@@ -314,7 +318,7 @@ def test_teacher_params_are_an_argument():
 
     opt = make_optimizer(0.05, total_steps=200, schedule="constant")
     state = init_train_state(init_params(0), opt, jax.random.key(1))
-    step = jit_train_step(make_train_step(distill_loss, opt))
+    step = jit_train_step(make_train_step(distill_loss, opt), compiler_options=FAST)
     teacher = init_params(7)
     for i in range(200):
         state, m = step(state, make_batch(i), teacher)
