@@ -61,6 +61,25 @@ def test_class_mixture_denoiser_is_exact(x64):
         np.testing.assert_allclose(got[i], want, rtol=1e-10, atol=1e-12)
 
 
+def test_batched_thresholding_matches_the_library(x64):
+    """Plain and thresholded examples in one batch (one network call) give exactly what
+    ``dpm.dynamic_thresholding`` and the plain guided denoiser give apart."""
+    config = exp.get_config()
+    sched = dpm.DiscreteVP.from_name("linear")
+    base, means, _ = exp.class_mixture(config, sched)
+    K, D = means.shape
+    x = 3.0 * jax.random.normal(jax.random.key(1), (4, D), jnp.float64)
+    labels, scales = np.array([1, 2, 1, 2]), np.array([8.0, 8.0, 8.0, 8.0])
+    mask = np.array([True, True, False, False])
+    both = exp.guided(base, labels, scales, K, 0.9, mask).x0(x, 0.5)
+    thr = exp.guided(base, labels, scales, K, 0.9).x0(x, 0.5)
+    plain = exp.guided(base, labels, scales, K, None).x0(x, 0.5)
+    assert float(jnp.max(jnp.abs(plain[:2]))) > 1.5  # thresholding has work to do here
+    np.testing.assert_allclose(both[:2], thr[:2], rtol=1e-12)
+    np.testing.assert_allclose(both[2:], plain[2:], rtol=1e-12)
+    assert float(jnp.max(jnp.abs(both[:2]))) <= 1.0
+
+
 def test_mixture_run_converges_and_reports(tmp_path):
     workdir = str(tmp_path / "mix")
     config = _config([
