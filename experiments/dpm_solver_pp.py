@@ -27,6 +27,7 @@ the committed copy lives in ``experiments/results/dpm_solver_pp/``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
@@ -197,13 +198,19 @@ def _given_x0(x0, x, t, cond):
     return x0
 
 
-def _threshold_where(inner: dpm.Denoiser, ratio, mask, x, t, cond):
-    """``x0_hat`` of ``inner`` (one evaluation), dynamically thresholded where ``mask``."""
-    x0 = inner.with_cond(cond).x0(x, t)
-    # the library's thresholding applied to the x0 already computed (no second evaluation)
-    given = dpm.Denoiser(Partial(_given_x0, x0), inner.schedule, "x0")
-    x0_thr = dpm.dynamic_thresholding(given, ratio).x0(x, t)
-    return jnp.where(dpm.expand_like(mask, x), x0_thr, x0)
+@dataclasses.dataclass(frozen=True)
+class _ThresholdWhere:
+    """``x0_hat`` of ``inner`` (one evaluation), dynamically thresholded where ``mask``; the
+    quantile is static (compared by value, so equal settings share a compiled program)."""
+
+    ratio: float
+
+    def __call__(self, inner: dpm.Denoiser, mask, x, t, cond):
+        x0 = inner.with_cond(cond).x0(x, t)
+        # the library's thresholding applied to the x0 already computed (no second evaluation)
+        given = dpm.Denoiser(Partial(_given_x0, x0), inner.schedule, "x0")
+        x0_thr = dpm.dynamic_thresholding(given, self.ratio).x0(x, t)
+        return jnp.where(dpm.expand_like(mask, x), x0_thr, x0)
 
 
 def guided(base: dpm.Denoiser, labels, scales, null_label: int, threshold: float | None,
@@ -233,7 +240,7 @@ def guided(base: dpm.Denoiser, labels, scales, null_label: int, threshold: float
     if thresholded is None:
         return dpm.dynamic_thresholding(den, threshold)
     dpm.dynamic_thresholding(den, threshold)  # the library's check of the quantile
-    fn = Partial(_threshold_where, den, jnp.asarray(threshold), jnp.asarray(thresholded, bool))
+    fn = Partial(_ThresholdWhere(float(threshold)), den, jnp.asarray(thresholded, bool))
     return dpm.Denoiser(fn, den.schedule, "x0", den.cond)
 
 

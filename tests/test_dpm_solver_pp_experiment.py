@@ -71,7 +71,8 @@ def test_batched_thresholding_matches_the_library(x64):
     x = 3.0 * jax.random.normal(jax.random.key(1), (4, D), jnp.float64)
     labels, scales = np.array([1, 2, 1, 2]), np.array([8.0, 8.0, 8.0, 8.0])
     mask = np.array([True, True, False, False])
-    both = exp.guided(base, labels, scales, K, 0.9, mask).x0(x, 0.5)
+    # under jit, as the samplers run it
+    both = jax.jit(lambda d, x: d.x0(x, 0.5))(exp.guided(base, labels, scales, K, 0.9, mask), x)
     thr = exp.guided(base, labels, scales, K, 0.9).x0(x, 0.5)
     plain = exp.guided(base, labels, scales, K, None).x0(x, 0.5)
     assert float(jnp.max(jnp.abs(plain[:2]))) > 1.5  # thresholding has work to do here
