@@ -469,14 +469,16 @@ def run_dataset(config, name: str, trained: Trained, judge, tuned: dict, *, zoo:
                 f"KID {r['kid']['mean']:.5f} +- {r['kid']['sd']:.5f} "
                 f"acc {r['accuracy']['mean']:.3f} ({r['seconds']:.0f} s)")
         exposure[f"{sampler}/{S}"] = {v: res[v].pop("exposure") for v in res}
-        if S in _seq(d.steps) and sampler in _seq(d.samplers):
-            rows[f"{sampler}/{S}"] = dict(
-                sampler=sampler, steps=S, window=w, cutoff=c, **res,
-                dkid=_paired(res["base"]["kid"]["values"], res["ts"]["kid"]["values"]),
-                dfd=_paired(res["base"]["fd"]["values"], res["ts"]["fd"]["values"]))
+        rows[f"{sampler}/{S}"] = dict(
+            sampler=sampler, steps=S, window=w, cutoff=c, **res,
+            dkid=_paired(res["base"]["kid"]["values"], res["ts"]["kid"]["values"]),
+            dfd=_paired(res["base"]["fd"]["values"], res["ts"]["fd"]["values"]))
     fl = over_seeds(lambda s: {k: v for k, v in floor(
         trained.data, test, judge, min(n, len(trained.data["x"])), seed=s,
         kid_subsets=config.kid_subsets).items() if k in METRICS}, config.seeds)
+    order = list(SAMPLERS)
+    rows = dict(sorted(rows.items(), key=lambda kv: (order.index(kv[1]["sampler"]),
+                                                     kv[1]["steps"])))
     return {"image_size": int(d.image_size), "num_samples": n, "num_test": len(test["x"]),
             "vbar0": vbar0, "rows": rows, "floor": fl, "exposure": exposure}
 
@@ -604,7 +606,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     r0 = results[e.dataset]
     curves = {}
     for s in _seq(config.datasets[e.dataset].samplers):
-        rs = [r for r in r0["rows"].values() if r["sampler"] == s]
+        rs = sorted([r for r in r0["rows"].values() if r["sampler"] == s],
+                    key=lambda r: r["steps"])
         for v in ("base", "ts"):
             curves[f"{'TS-' if v == 'ts' else ''}{SAMPLERS[s]}"] = (
                 [r[v]["nfe"] for r in rs], [_scaled(r[v]["kid"], 1e3) for r in rs])
