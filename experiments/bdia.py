@@ -179,6 +179,8 @@ def zoo_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.C
             zc.train.ckpt_every = int(config.zoo_train_steps)
             zc.train.log_every = max(1, int(config.zoo_train_steps) // 2)
             zc.optim.warmup_steps = min(zc.optim.warmup_steps, int(config.zoo_train_steps))
+        if config.fast_compile and "fast_compile" in zc.train:
+            zc.train.fast_compile = True
         if zc.diffusion.num_steps < 1:
             try:
                 validate_config(zc)
