@@ -519,6 +519,7 @@ def _json_settings(agg: dict) -> list[dict]:
 def plot_convergence(path, config, mix_agg, dig_agg, scale) -> str:
     """Distance to the reference vs NFE at guidance ``scale`` (mixture | digits)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -536,6 +537,8 @@ def plot_convergence(path, config, mix_agg, dig_agg, scale) -> str:
                         label=SAMPLERS[name] + (" +thr" if tkey == "thresholded" else ""))
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(list(config.nfes), [str(k) for k in config.nfes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("NFE")
         ax.set_ylabel("RMS per pixel to the reference")
         ax.set_title(f"{title}, scale {scale:g}", fontsize=9)
