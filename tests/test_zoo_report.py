@@ -77,3 +77,35 @@ def test_zoo_configs_and_names():
         c = _zoo.digits_config()
         c.data.test_fraction = 0.0
         _zoo.digits_model(c, root="unused")
+
+
+class _PixelJudge:
+    """A stand-in judge: features are the pixels, the prediction decodes the label that the
+    test writes into an image's mean value."""
+
+    def features(self, x):
+        return np.asarray(x, np.float64).reshape(len(x), -1)
+
+    def predict(self, x):
+        return np.rint(2.0 * self.features(x).mean(axis=1) + 1.0).astype(np.int64)
+
+
+def test_floor_matches_the_samples_labels():
+    rng = np.random.default_rng(0)
+    y_train = np.repeat(np.arange(3), [10, 6, 20])
+    # image of label k: constant (k - 1) / 2 plus a tag in one pixel naming the train image
+    x_train = np.repeat((y_train[:, None] - 1.0) / 2.0, 4, 1)
+    x_train[:, 0] += np.arange(len(y_train)) * 1e-3
+    train = {"x": x_train.reshape(-1, 2, 2, 1), "y": y_train}
+    test = {"x": rng.normal(size=(30, 2, 2, 1)), "y": rng.integers(0, 3, 30)}
+    judge = _PixelJudge()
+    labels = np.array([0] * 5 + [1] * 9 + [2] * 4)  # class 1 asked 9 times, the split holds 6
+    out = _zoo.floor(train, test, judge, len(labels), labels=labels, seed=1)
+    assert out["accuracy"] == 1.0  # every drawn image has the asked-for label
+    assert out["floor_repeats"] == 3
+    iid = _zoo.floor(train, test, judge, 18, seed=1)
+    assert iid["floor_repeats"] == 0
+    with pytest.raises(ValueError, match="labels must have shape"):
+        _zoo.floor(train, test, judge, 5, labels=labels)
+    with pytest.raises(ValueError, match="class 7"):
+        _zoo.floor(train, test, judge, 2, labels=np.array([0, 7]))
