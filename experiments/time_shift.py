@@ -177,6 +177,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     # a window is a number of training indices; half of it must fit inside the grid
     _ints("tune.windows", t.windows, 1, MAX_STEPS - 2)
     _floats("tune.cutoffs", t.cutoffs, 0.0, 1.0)
+    for w in _seq(t.windows):
+        if not window_fits(int(w), int(t.steps)):
+            raise ValueError(f"tune.windows: window {w} reaches above the current time at "
+                             f"tune.steps = {t.steps} (need window // 2 < {MAX_STEPS / t.steps:g}"
+                             f", the grid stride in training indices); got {t.windows!r}")
     e = config.exposure
     if e.dataset not in run:
         raise ValueError(f"exposure.dataset must be one of the run's data sets {run!r}; "
@@ -434,6 +439,14 @@ def tune(config, trained: Trained, primary, *, zoo: str = "", workdir: str | Non
     return out
 
 
+def window_fits(window: int, steps: int) -> bool:
+    """Whether a TS window keeps every shifted target below the step's start on a uniform grid
+    of ``steps`` steps: ``window // 2`` must be less than the stride ``N / steps`` in training
+    indices. A wider window can aim a step *upward*: DDPM's posterior variance is then negative
+    (NaN samples) and DDIM/PNDM step backwards, so such (window, steps) pairs are not run."""
+    return window // 2 < MAX_STEPS / steps
+
+
 def _paired(a: list, b: list) -> dict:
     d = np.array(b, float) - np.array(a, float)
     return {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
@@ -456,7 +469,13 @@ def run_dataset(config, name: str, trained: Trained, judge, tuned: dict, *, zoo:
     for sampler, S in runs:
         w, c = tuned[sampler]["window"], tuned[sampler]["cutoff"]
         res = {}
-        for variant, (win, cut) in (("base", (0, 0.0)), ("ts", (w, c))):
+        variants = [("base", (0, 0.0))]
+        if window_fits(w, S):
+            variants.append(("ts", (w, c)))
+        else:
+            log(f"  {name} {SAMPLERS[sampler]} S={S}: TS not run, window {w} reaches above the "
+                f"current time (w // 2 >= the grid stride {MAX_STEPS / S:g} indices)")
+        for variant, (win, cut) in variants:
             t0 = time.perf_counter()
             cells = [_cell(config, workdir, trained, judge, test, zoo=zoo, tag="report",
                            sampler=sampler, steps=S, n=n, seed=seed, window=win, cutoff=cut)
@@ -473,10 +492,10 @@ def run_dataset(config, name: str, trained: Trained, judge, tuned: dict, *, zoo:
                 f"KID {r['kid']['mean']:.5f} +- {r['kid']['sd']:.5f} "
                 f"acc {r['accuracy']['mean']:.3f} ({r['seconds']:.0f} s)")
         exposure[f"{sampler}/{S}"] = {v: res[v].pop("exposure") for v in res}
-        rows[f"{sampler}/{S}"] = dict(
-            sampler=sampler, steps=S, window=w, cutoff=c, **res,
-            dkid=_paired(res["base"]["kid"]["values"], res["ts"]["kid"]["values"]),
-            dfd=_paired(res["base"]["fd"]["values"], res["ts"]["fd"]["values"]))
+        rows[f"{sampler}/{S}"] = row = dict(sampler=sampler, steps=S, window=w, cutoff=c, **res)
+        if "ts" in res:
+            row["dkid"] = _paired(res["base"]["kid"]["values"], res["ts"]["kid"]["values"])
+            row["dfd"] = _paired(res["base"]["fd"]["values"], res["ts"]["fd"]["values"])
     fl = over_seeds(lambda s: {k: v for k, v in floor(
         trained.data, test, judge, min(n, len(trained.data["x"])), seed=s,
         kid_subsets=config.kid_subsets).items() if k in METRICS}, config.seeds)
@@ -508,15 +527,20 @@ def table(result: dict) -> str:
     """The markdown table of one data set: base vs TS per sampler and step count."""
     out = {}
     for r in result["rows"].values():
-        b, t = r["base"], r["ts"]
+        b = r["base"]
         label = f"{SAMPLERS[r['sampler']]}, {r['steps']} steps"
-        out[label] = {
-            "nfe": b["nfe"], "setting": f"w={r['window']}, t_c={r['cutoff']:g}",
-            "kb": _scaled(b["kid"], 1e3), "kt": _scaled(t["kid"], 1e3),
-            "dk": _scaled(r["dkid"], 1e3), "fb": b["fd"], "ft": t["fd"],
-            "ab": b["accuracy"], "at": t["accuracy"],
+        out[label] = {"nfe": b["nfe"], "kb": _scaled(b["kid"], 1e3), "fb": b["fd"],
+                      "ab": b["accuracy"]}
+        if "ts" not in r:
+            out[label]["setting"] = f"w={r['window']}: not run (w/2 ≥ stride)"
+            continue
+        t = r["ts"]
+        out[label].update({
+            "setting": f"w={r['window']}, t_c={r['cutoff']:g}",
+            "kt": _scaled(t["kid"], 1e3), "dk": _scaled(r["dkid"], 1e3), "ft": t["fd"],
+            "at": t["accuracy"],
             "sh": f"{t['shift']['frac_shifted']:.2f} / {t['shift']['mean_shift']:+.1f}",
-        }
+        })
     fl = result["floor"]
     out[f"real train digits (floor, n={result['num_samples']}, i.i.d. draw)"] = {
         "kb": _scaled(fl["kid"], 1e3), "fb": fl["fd"], "ab": fl["accuracy"]}
@@ -557,6 +581,8 @@ def plot_exposure(path: str, result: dict, steps: Sequence[int], samplers: Seque
     ex = result["exposure"]
     for S in steps:
         for variant, style in (("base", "-"), ("ts", "--")):
+            if variant not in ex[f"ddim/{S}"]:
+                continue
             e = ex[f"ddim/{S}"][variant]
             axes[0].plot([r["t"] for r in e], [r["ratio"] for r in e], style, marker="o", ms=2,
                          label=f"{'TS-' if variant == 'ts' else ''}DDIM {S} steps")
@@ -644,7 +670,7 @@ def _plot_kid(path: str, result: dict) -> str:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
     for i, s in enumerate(SAMPLERS):
-        rs = sorted([r for r in result["rows"].values() if r["sampler"] == s],
+        rs = sorted([r for r in result["rows"].values() if r["sampler"] == s and "dkid" in r],
                     key=lambda r: r["steps"])
         if not rs:
             continue
@@ -703,7 +729,7 @@ def verdict(report: dict, steps=(10, 20)) -> list[str]:
     lines = []
     for name, r in report["datasets"].items():
         for row in r["rows"].values():
-            if row["steps"] not in steps:
+            if row["steps"] not in steps or "dkid" not in row:
                 continue
             d = row["dkid"]
             word = ("better" if d["mean"] + d["sd"] < 0 else
@@ -737,7 +763,7 @@ def findings(config, report: dict) -> list[str]:
             f"Base DDIM, {S} steps: the sampled variance is above every forward variance at all "
             f"interior grid times (ratio {ratios.min():.3f} to {ratios.max():.3f}).")
     for s, tr in report["tuned"].items():
-        rows = [row for row in r["rows"].values() if row["sampler"] == s]
+        rows = [row for row in r["rows"].values() if row["sampler"] == s and "ts" in row]
         if not rows:
             continue
         sh = [row["ts"]["shift"] for row in rows]
