@@ -597,7 +597,7 @@ def _curves(report: dict, workdir: str, judge_name: str) -> list[str]:
         path = os.path.join(workdir, f"kid_vs_nfe_{model}.png")
         figs.append(plot_curves(
             path, nfes, curves, "NFE", "KID (judge features; in-project proxy for FID)",
-            f"{title}, mean ± sd over seeds\nJudge: {judge_name}", logx=True))
+            f"{title}, mean ± sd over seeds\nJudge: {judge_name}"))
     return figs
 
 
@@ -626,8 +626,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     t0 = time.perf_counter()
     models = {"eps": digits_model(zoo["eps"], config.zoo_root, progress=progress)}
     _, judge = judges(train, config.zoo_root, test, steps=config.judge_steps)
-    judge_name = (f"in-project CNN classifier (seed 1, {config.judge_steps} steps on the digits "
-                  f"train split; test accuracy {judge.held_out_accuracy:.3f})")
+    judge_name = (f"in-project CNN (seed 1, {config.judge_steps} steps on the train split; "
+                  f"test acc. {judge.held_out_accuracy:.3f})")
     secs["models"] = time.perf_counter() - t0
 
     log("quality at equal NFE (eps model)")
