@@ -42,6 +42,7 @@ def _smoke_config(root):
         ("datasets.digits8.image_size", 32, "datasets.digits8.image_size"),
         ("tune.windows", (4, -2), "tune.windows"),
         ("tune.windows", (1000,), "tune.windows"),
+        ("tune.windows", (4, 250), "reaches above the current time"),
         ("tune.cutoffs", (0.3, 1.5), "tune.cutoffs"),
         ("tune.cutoffs", (float("nan"),), "tune.cutoffs"),
         ("tune.seed", 1, "tune.seed"),
@@ -64,6 +65,12 @@ def test_bad_config_is_named_before_any_work(tmp_path, key, value, match):
     with pytest.raises(ValueError, match=match):
         T.train_and_evaluate(c, str(workdir), progress=False, log=lambda *a: None)
     assert not workdir.exists()  # nothing trained, nothing written
+
+
+def test_window_fits_the_grid_stride():
+    # 50 steps: stride 20 training indices; a half-window of 20 could aim a step at its start
+    assert T.window_fits(38, 50) and not T.window_fits(40, 50) and not T.window_fits(60, 50)
+    assert T.window_fits(60, 20) and T.window_fits(198, 5) and not T.window_fits(200, 10)
 
 
 def test_forward_variance_matches_closed_form_and_noised_data():
