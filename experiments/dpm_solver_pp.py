@@ -462,7 +462,7 @@ def run_digits_quality(config, trained, judge, log=print) -> dict:
             ev = _zoo.evaluate(x[sl], labels, judge, trained.test_data, seed=seed)
             per_seed[seed][(name, tk, s)] = {**ev, **pixel_stats(x[sl])}
         log(f"  digits quality {SAMPLERS[name]}: {time.perf_counter() - t0:.1f}s")
-    floor = {seed: _zoo.floor(trained.data, trained.test_data, judge, n, seed=seed)
+    floor = {seed: _zoo.floor(trained.data, trained.test_data, judge, n, labels=labels, seed=seed)
              for seed in seeds}
     return {"per_seed": per_seed, "floor": floor}
 
