@@ -90,7 +90,6 @@ def digits_config(kind: str = "eps", image_size: int = 8) -> ml_collections.Conf
     c.model.label_dropout = 0.1
     if kind == "edm":
         c.diffusion.schedule = "edm"
-        c.diffusion.num_steps = 0
         c.diffusion.prediction = "x0"
         c.diffusion.preconditioning = "edm"
         c.diffusion.weighting = "edm"

@@ -45,7 +45,7 @@ from experiments import _io
 from experiments._cli import parse_args
 from experiments._model import make_denoiser, make_schedule
 from experiments._report import markdown_table, over_seeds, plot_curves, write_report
-from experiments._runner import ConfigError, Trained, validate_config
+from experiments._runner import Trained
 from experiments._zoo import (
     DEFAULT_ROOT,
     JUDGE_STEPS,
@@ -181,13 +181,6 @@ def zoo_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.C
             zc.optim.warmup_steps = min(zc.optim.warmup_steps, int(config.zoo_train_steps))
         if config.fast_compile and "fast_compile" in zc.train:
             zc.train.fast_compile = True
-        if zc.diffusion.num_steps < 1:
-            try:
-                validate_config(zc)
-            except ConfigError:
-                # the zoo's EDM config says num_steps = 0 (unused by the EDM schedule), which the
-                # training driver's validate_config refuses; 1000 is base_config()'s value
-                zc.diffusion.num_steps = 1000
         out[kind] = zc
     return out
 
