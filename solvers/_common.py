@@ -325,13 +325,17 @@ def transfer(x: Array, eps: Array, c_x: Array, c_eps: Array) -> Array:
     return x + expand_like(c_x, x) * x + expand_like(c_eps, x) * eps
 
 
-def shift_target(schedule: Schedule, x: Array, t_next: Array, i: Array, opts: TimeShift) -> Array:
+def shift_target(
+    schedule: Schedule, x: Array, t_cur: Array, t_next: Array, i: Array, opts: TimeShift
+) -> Array:
     """Time-Shift target of step ``i`` (official ``pnm_solver.py`` semantics, for DDPM, DDIM and
     PNDM): ``tau`` chosen from the variance of the current state around the next grid time;
     ``(B,)``. The first step (``i = 0``) is never shifted; the cutoff is applied by
-    :func:`~solvers.time_shift.select_shifted_time`."""
+    :func:`~solvers.time_shift.select_shifted_time`. A window wider than the grid's stride can
+    pick a ``tau`` at or above the current time ``t_cur`` (a step upward: DDPM's posterior
+    variance turns negative and its samples NaN); there the unshifted ``t_next`` is kept."""
     tau = select_shifted_time(schedule, sample_variance(x), t_next, opts)
-    return jnp.where(i > 0, tau, t_next)
+    return jnp.where((i > 0) & (tau < t_cur), tau, t_next)
 
 
 # --------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def ddim(
         x0, eps = denoiser.predict(x, s_i)
         tau = t_i
         if shifted:  # time shift: per-example target tau, coefficients recomputed from it
-            tau = shift_target(sched, x, t_i, i, time_shift)
+            tau = shift_target(sched, x, s_i, t_i, i, time_shift)
             cx, ce = transfer_coeffs(sched, s_i, tau)
             cn, sn = _eta_coeffs(sched, s_i, tau, eta)
         x_next = transfer(x, eps, cx, ce)  # DDIM map: alpha_t x0_hat + sigma_t eps_hat

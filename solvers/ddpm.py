@@ -98,7 +98,7 @@ def ddpm(
         x0, eps = denoiser.predict(x, s_i)
         tau = t_i
         if shifted:  # time shift: per-example target tau
-            tau = shift_target(sched, x, t_i, i, time_shift)
+            tau = shift_target(sched, x, s_i, t_i, i, time_shift)
             a0, ax, v = _posterior_coeffs(sched, s_i, tau, variance)
         mean = expand_like(a0, x) * x0 + expand_like(ax, x) * x  # posterior mean mu_tilde
         z = jax.random.normal(k, x.shape, x.dtype)

@@ -115,7 +115,7 @@ def pndm(
     def target(x, i, s_i, t_i, m_i, cx, ce, cmx, cme):
         if not shifted:
             return t_i, m_i, cx, ce, cmx, cme
-        tau = shift_target(sched, x, t_i, i, time_shift)
+        tau = shift_target(sched, x, s_i, t_i, i, time_shift)
         m_tau = 0.5 * (s_i + tau)
         return tau, m_tau, *transfer_coeffs(sched, s_i, tau), *transfer_coeffs(sched, s_i, m_tau)
 

@@ -120,6 +120,20 @@ def test_pinned_upper_edge_first_step_and_cutoff(x64, name):
     np.testing.assert_array_equal(index(traj["tau"]), np.array(want)[:, None].repeat(8, 1))
 
 
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "f-pndm"])
+def test_window_wider_than_the_grid_stride_never_steps_upward(x64, name):
+    """A window whose half-width (150) exceeds the grid's stride (100 indices) would pin the
+    target above the current time; the target then stays at the grid's next time, so no step
+    goes upward and DDPM's posterior variance stays >= 0 (it was NaN for every sample)."""
+    den = GaussianMixture.create(jnp.zeros((2, 8)), jnp.zeros(2)).denoiser(LINEAR)
+    ts = grids.ddim_uniform(10, LINEAR)
+    x_T = states_with_variance(gamma([900] * 8), D=8)
+    x0, traj = _run(name, den, x_T, ts, TimeShift(window=300, cutoff=0.0))
+    assert np.all(np.isfinite(np.asarray(x0)))
+    tau = np.asarray(traj["tau"])  # (S, B), targets of steps from ts[:-1]
+    assert np.all(tau < np.asarray(ts[:-1])[:, None])
+
+
 def _mixture_setup():
     gm = GaussianMixture.create(
         jnp.array([[0.5] * 8, [-0.5] * 8]), jnp.array([0.3, 0.6]), jnp.array([0.4, 0.6])
