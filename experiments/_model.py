@@ -13,7 +13,7 @@ from jax.tree_util import Partial
 
 import dpm
 import nets
-from experiments.registry import get_schedule
+from experiments._registry import get_schedule
 
 # config.model.preset -> U-Net config builder, config.model.dtype -> compute dtype
 PRESETS = {"tiny": nets.tiny, "small": nets.small, "ddpm_cifar10": nets.ddpm_cifar10}

@@ -43,7 +43,7 @@ from experiments._model import (
     make_schedule,
     unet_config,
 )
-from experiments.registry import DATASETS, SCHEDULES, dataset_builder, make_dataset
+from experiments._registry import DATASETS, SCHEDULES, dataset_builder, make_dataset
 
 
 class ConfigError(ValueError):

@@ -39,9 +39,9 @@ from dpm.metrics import (
     label_accuracy,
     precision_recall,
 )
+from experiments._registry import make_dataset
 from experiments._runner import Trained, base_config, train_denoiser
 from experiments.features import Judge, train_classifier
-from experiments.registry import make_dataset
 
 __all__ = [
     "DEFAULT_ROOT",

@@ -47,7 +47,7 @@ import numpy as np
 import dpm
 from dpm.metrics import mmd_rbf
 from experiments import _io
-from experiments.registry import get_schedule
+from experiments._registry import get_schedule
 from solvers import grids
 from solvers.bdia import bdia_ddim, bdia_edm
 from solvers.ddim import ddim
@@ -402,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument(
         "--schedule",
         default=None,
-        help="experiments.registry.get_schedule name (default: linear, the discrete DDPM schedule)",
+        help="experiments._registry.get_schedule name (default: linear, the discrete DDPM schedule)",
     )
     p.add_argument("--ref-steps", type=int, default=None, help="RK4 steps of the reference")
     p.add_argument("--reps", type=int, default=None, help="timed runs per sampler (best kept)")

@@ -21,7 +21,7 @@ from dpm.data import (
     toy_2d,
     toy_2d_mixture,
 )
-from experiments.registry import make_dataset
+from experiments._registry import make_dataset
 
 
 def _toy_arrays(n=37):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm import EDM, CosineVP, DiscreteVP, LinearVP, make_betas
-from experiments.registry import get_schedule
+from experiments._registry import get_schedule
 
 VP_SCHEDULES = {
     "linear": lambda: DiscreteVP.from_name("linear"),
