@@ -402,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument(
         "--schedule",
         default=None,
-        help="experiments._registry.get_schedule name (default: linear, the discrete DDPM schedule)",
+        help="schedule name (default: linear, the discrete DDPM schedule)",
     )
     p.add_argument("--ref-steps", type=int, default=None, help="RK4 steps of the reference")
     p.add_argument("--reps", type=int, default=None, help="timed runs per sampler (best kept)")
