@@ -42,6 +42,7 @@ import numpy as np
 
 from dpm.metrics import psnr
 from experiments import _io
+from experiments._checks import int_values
 from experiments._cli import parse_args
 from experiments._model import make_denoiser, make_schedule
 from experiments._report import markdown_table, over_seeds, plot_curves, write_report
@@ -100,17 +101,6 @@ def get_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _ints(name: str, value, lo: int, hi: int | None = None) -> tuple[int, ...]:
-    vals = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-    ok = len(vals) > 0 and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-        and v >= lo and (hi is None or v <= hi) for v in vals)
-    if not ok:
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be integers {rng}; got {value!r}")
-    return tuple(int(v) for v in vals)
-
-
 def _gammas(name: str, value, *, invert: bool) -> tuple[float, ...]:
     vals = tuple(value) if isinstance(value, (list, tuple)) else (value,)
     ok = len(vals) > 0 and all(
@@ -134,29 +124,29 @@ def check_config(config: ml_collections.ConfigDict, test_size: int | None = None
     bad = [s for s in samplers if s not in SAMPLERS]
     if bad or not samplers:
         raise ValueError(f"quality.samplers must be names from {SAMPLERS}; got {q.samplers!r}")
-    _ints("seeds", config.seeds, 0)
-    _ints("image_size", config.image_size, 8, 16)
-    _ints("zoo_train_steps", config.zoo_train_steps, 0)
-    _ints("judge_steps", config.judge_steps, 2)
-    _ints("quality.num_samples", q.num_samples, 2)
-    _ints("quality.kid_subsets", q.kid_subsets, 2)
-    _ints("quality.steps", q.steps, 1, 1000)
-    _ints("quality.edm_steps", q.edm_steps, 1, 1000)
+    int_values("seeds", config.seeds, 0)
+    int_values("image_size", config.image_size, 8, 16)
+    int_values("zoo_train_steps", config.zoo_train_steps, 0)
+    int_values("judge_steps", config.judge_steps, 2)
+    int_values("quality.num_samples", q.num_samples, 2)
+    int_values("quality.kid_subsets", q.kid_subsets, 2)
+    int_values("quality.steps", q.steps, 1, 1000)
+    int_values("quality.edm_steps", q.edm_steps, 1, 1000)
     _gammas("quality.gammas", q.gammas, invert=False)
     _gammas("quality.edm_gammas", q.edm_gammas, invert=False)
     if q.edm_backward_solver not in BACKWARD_SOLVERS:
         raise ValueError(f"quality.edm_backward_solver must be one of {BACKWARD_SOLVERS}; "
                          f"got {q.edm_backward_solver!r}")
     hi = test_size
-    _ints("invert.num_images", inv.num_images, 1, hi)
-    _ints("invert.steps", inv.steps, 1, 1000)
+    int_values("invert.num_images", inv.num_images, 1, hi)
+    int_values("invert.steps", inv.steps, 1, 1000)
     _gammas("invert.gamma", inv.gamma, invert=True)
     if not isinstance(inv.float64, bool):
         raise ValueError(f"invert.float64 must be a bool; got {inv.float64!r}")
-    _ints("edit.num_images", ed.num_images, 1, hi)
-    _ints("edit.steps", ed.steps, 1, 1000)
-    _ints("edit.grid_rows", ed.grid_rows, 1, ed.num_images)
-    _ints("edit.seed", ed.seed, 0)
+    int_values("edit.num_images", ed.num_images, 1, hi)
+    int_values("edit.steps", ed.steps, 1, 1000)
+    int_values("edit.grid_rows", ed.grid_rows, 1, ed.num_images)
+    int_values("edit.seed", ed.seed, 0)
     _gammas("edit.gamma", ed.gamma, invert=True)
     t_starts = ed.t_starts if isinstance(ed.t_starts, (list, tuple)) else (ed.t_starts,)
     if not t_starts or not all(isinstance(t, (int, float)) and not isinstance(t, bool)

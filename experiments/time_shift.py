@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 
 from experiments import _io
+from experiments._checks import as_tuple, int_values
 from experiments._cli import parse_args
 from experiments._report import markdown_table, over_seeds, write_report
 from experiments._runner import Trained
@@ -109,23 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _seq(value) -> tuple:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-
-
-def _ints(name: str, value, lo: int, hi: int | None = None) -> tuple[int, ...]:
-    vals = _seq(value)
-    ok = len(vals) > 0 and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-        and v >= lo and (hi is None or v <= hi) for v in vals)
-    if not ok:
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be integers {rng}; got {value!r}")
-    return tuple(int(v) for v in vals)
-
-
 def _floats(name: str, value, lo: float, hi: float) -> tuple[float, ...]:
-    vals = _seq(value)
+    vals = as_tuple(value)
     ok = len(vals) > 0 and all(
         isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
         and np.isfinite(v) and lo <= v < hi for v in vals)
@@ -135,7 +121,7 @@ def _floats(name: str, value, lo: float, hi: float) -> tuple[float, ...]:
 
 
 def _samplers(name: str, value) -> tuple[str, ...]:
-    vals = _seq(value)
+    vals = as_tuple(value)
     bad = [s for s in vals if s not in SAMPLERS]
     if bad or not vals:
         raise ValueError(f"{name} must be sampler names from {tuple(SAMPLERS)}; got {value!r}")
@@ -145,22 +131,22 @@ def _samplers(name: str, value) -> tuple[str, ...]:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad setting (sampler name, steps, window, cutoff,
     sizes, data set names) before any work."""
-    _ints("seeds", config.seeds, 0)
-    _ints("zoo_train_steps", config.zoo_train_steps, 0)
-    _ints("judge_steps", config.judge_steps, 2)
-    _ints("kid_subsets", config.kid_subsets, 2)
+    int_values("seeds", config.seeds, 0)
+    int_values("zoo_train_steps", config.zoo_train_steps, 0)
+    int_values("judge_steps", config.judge_steps, 2)
+    int_values("kid_subsets", config.kid_subsets, 2)
     if not len(config.datasets):
         raise ValueError("datasets must name at least one data set; got none")
     for name, d in config.datasets.items():
-        _ints(f"datasets.{name}.image_size", d.image_size, 8, 16)
+        int_values(f"datasets.{name}.image_size", d.image_size, 8, 16)
         if d.image_size not in (8, 16):
             raise ValueError(f"datasets.{name}.image_size must be 8 or 16 (the zoo's digits); "
                              f"got {d.image_size!r}")
-        _ints(f"datasets.{name}.num_samples", d.num_samples, 2)
+        int_values(f"datasets.{name}.num_samples", d.num_samples, 2)
         # DPM-Solver-2 multistep needs 2 steps; the grid has N = 1000 training indices
-        _ints(f"datasets.{name}.steps", d.steps, 2, MAX_STEPS)
+        int_values(f"datasets.{name}.steps", d.steps, 2, MAX_STEPS)
         _samplers(f"datasets.{name}.samplers", d.samplers)
-    run = _seq(config.run)
+    run = as_tuple(config.run)
     if not run or any(r not in config.datasets for r in run):
         raise ValueError(f"run must name data sets from {sorted(config.datasets)}; "
                          f"got {config.run!r}")
@@ -168,16 +154,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if t.dataset not in run:
         raise ValueError(f"tune.dataset must be one of the run's data sets {run!r}; "
                          f"got {t.dataset!r}")
-    _ints("tune.steps", t.steps, 2, MAX_STEPS)
-    _ints("tune.num_samples", t.num_samples, 2)
-    _ints("tune.seed", t.seed, 0)
-    if t.seed in _seq(config.seeds):
+    int_values("tune.steps", t.steps, 2, MAX_STEPS)
+    int_values("tune.num_samples", t.num_samples, 2)
+    int_values("tune.seed", t.seed, 0)
+    if t.seed in as_tuple(config.seeds):
         raise ValueError(f"tune.seed must differ from the report seeds {config.seeds!r} (tuning "
                          f"noise must not be the reported noise); got {t.seed!r}")
     # a window is a number of training indices; half of it must fit inside the grid
-    _ints("tune.windows", t.windows, 1, MAX_STEPS - 2)
+    int_values("tune.windows", t.windows, 1, MAX_STEPS - 2)
     _floats("tune.cutoffs", t.cutoffs, 0.0, 1.0)
-    for w in _seq(t.windows):
+    for w in as_tuple(t.windows):
         if not window_fits(int(w), int(t.steps)):
             raise ValueError(f"tune.windows: window {w} reaches above the current time at "
                              f"tune.steps = {t.steps} (need window // 2 < {MAX_STEPS / t.steps:g}"
@@ -186,8 +172,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if e.dataset not in run:
         raise ValueError(f"exposure.dataset must be one of the run's data sets {run!r}; "
                          f"got {e.dataset!r}")
-    _ints("exposure.steps", e.steps, 2, MAX_STEPS)
-    if "ddim" not in _seq(config.datasets[t.dataset].samplers):
+    int_values("exposure.steps", e.steps, 2, MAX_STEPS)
+    if "ddim" not in as_tuple(config.datasets[t.dataset].samplers):
         raise ValueError(f"the tuning data set {t.dataset!r} must run 'ddim' (the exposure "
                          f"figure's sampler); its samplers are "
                          f"{config.datasets[t.dataset].samplers!r}")
@@ -417,7 +403,7 @@ def tune(config, trained: Trained, primary, *, zoo: str = "", workdir: str | Non
     t = config.tune
     d = config.datasets[t.dataset]
     out = {}
-    for name in _seq(d.samplers):
+    for name in as_tuple(d.samplers):
         def kid(window, cutoff, name=name):
             c = _cell(config, workdir, trained, primary, trained.data, zoo=zoo, tag="tune",
                       sampler=name,
@@ -426,8 +412,8 @@ def tune(config, trained: Trained, primary, *, zoo: str = "", workdir: str | Non
 
         kid_base, _ = kid(0, 0.0)
         grid = []
-        for w in _seq(t.windows):
-            for c in _seq(t.cutoffs):
+        for w in as_tuple(t.windows):
+            for c in as_tuple(t.cutoffs):
                 k, sh = kid(int(w), float(c))
                 grid.append(dict(window=int(w), cutoff=float(c), kid=k, **sh))
                 log(f"  tune {SAMPLERS[name]:<15} w={w:<4} t_c={c:<4} primary KID {k:.5f} "
@@ -464,7 +450,7 @@ def run_dataset(config, name: str, trained: Trained, judge, tuned: dict, *, zoo:
     test = trained.test_data
     vbar0 = float(np.mean(pixel_variance(trained.data["x"])))
     rows, exposure = {}, {}
-    runs = [(s, S) for s in _seq(d.samplers) for S in _seq(d.steps)]
+    runs = [(s, S) for s in as_tuple(d.samplers) for S in as_tuple(d.steps)]
     runs += [("ddim", S) for S in exposure_steps if ("ddim", S) not in runs]
     for sampler, S in runs:
         w, c = tuned[sampler]["window"], tuned[sampler]["cutoff"]
@@ -479,9 +465,9 @@ def run_dataset(config, name: str, trained: Trained, judge, tuned: dict, *, zoo:
             t0 = time.perf_counter()
             cells = [_cell(config, workdir, trained, judge, test, zoo=zoo, tag="report",
                            sampler=sampler, steps=S, n=n, seed=seed, window=win, cutoff=cut)
-                     for seed in _seq(config.seeds)]
+                     for seed in as_tuple(config.seeds)]
             r = over_seeds(lambda seed, cells=cells: cells[
-                _seq(config.seeds).index(seed)]["metrics"], config.seeds)
+                as_tuple(config.seeds).index(seed)]["metrics"], config.seeds)
             r["nfe"] = cells[0]["nfe"]
             r["seconds"] = time.perf_counter() - t0
             r["shift"] = shift_summary([cl["shift"] for cl in cells])
@@ -618,7 +604,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     check_config(config)
     t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    run = _seq(config.run)
+    run = as_tuple(config.run)
     models, graders, zoos = {}, {}, {}
     for name in run:
         zc = zoo_config(config, config.datasets[name].image_size)
@@ -637,7 +623,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         log(f"report runs on {name}")
         results[name] = run_dataset(
             config, name, models[name], graders[name][1], tuned, zoo=zoos[name],
-            exposure_steps=_seq(config.exposure.steps) if name == config.exposure.dataset else (),
+            exposure_steps=(as_tuple(config.exposure.steps)
+                            if name == config.exposure.dataset else ()),
             workdir=workdir, log=log)
     seconds = time.perf_counter() - t_ready
 
@@ -646,7 +633,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     e = config.exposure
     figs = [
         plot_exposure(os.path.join(workdir, "exposure_bias.png"), results[e.dataset],
-                      _seq(e.steps), _seq(config.datasets[e.dataset].samplers),
+                      as_tuple(e.steps), as_tuple(config.datasets[e.dataset].samplers),
                       "state statistic, no judge involved"),
     ]
     figs.append(_plot_kid(os.path.join(workdir, "kid_vs_nfe.png"), results[e.dataset]))
@@ -704,7 +691,7 @@ def _markdown(config, report) -> str:
                   f"samples per setting vs {r['num_test']} held-out test digits, seeds "
                   f"{tuple(config.seeds)} (sampling noise)", "", table(r)]
     e = config.exposure
-    mid = sorted(_seq(e.steps))[len(_seq(e.steps)) // 2]
+    mid = sorted(as_tuple(e.steps))[len(as_tuple(e.steps)) // 2]
     parts += [f"## Exposure bias: base DDIM, {mid} steps, {e.dataset} (mean over seeds)", "",
               exposure_table(report["datasets"][e.dataset], mid)]
     rows = {}
@@ -745,7 +732,7 @@ def findings(config, report: dict) -> list[str]:
     r = report["datasets"][e.dataset]
     out = [f"Mean per-image pixel variance of the {e.dataset} train split: vbar0 = "
            f"{r['vbar0']:.3f}; TS's reference Gamma = 1 - alpha_bar ignores it."]
-    for S in _seq(e.steps):
+    for S in as_tuple(e.steps):
         ex = r["exposure"][f"ddim/{S}"]["base"]
         mid = [x for x in ex if 0.0 < x["t"] < 1.0]
         ratios = np.array([x["ratio"] for x in mid])
