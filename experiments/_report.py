@@ -11,7 +11,8 @@ import numpy as np
 
 from experiments import _io
 
-__all__ = ["format_mean_sd", "markdown_table", "over_seeds", "plot_curves", "write_report"]
+__all__ = ["format_mean_sd", "markdown_table", "over_seeds", "plot_curves", "save_figure",
+           "write_report"]
 
 
 def over_seeds(fn: Callable[[int], Mapping[str, float]], seeds: Sequence[int]) -> dict:
@@ -189,6 +190,13 @@ def plot_curves(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> str:
+    """Lays out, writes (making the folder) and closes a matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)

@@ -45,7 +45,13 @@ from experiments import _io
 from experiments._checks import int_values
 from experiments._cli import parse_args
 from experiments._model import make_denoiser, make_schedule
-from experiments._report import markdown_table, over_seeds, plot_curves, write_report
+from experiments._report import (
+    markdown_table,
+    over_seeds,
+    plot_curves,
+    save_figure,
+    write_report,
+)
 from experiments._runner import Trained
 from experiments._zoo import (
     DEFAULT_ROOT,
@@ -484,11 +490,7 @@ def edit_grid(path: str, arrays: dict, judge, rows: int, judge_name: str) -> str
                 ax.set_title(title, fontsize=7)
     fig.suptitle(f"Conditional edits of held-out digits; labels under images: "
                  f"class (judge's prediction).\nJudge: {judge_name}", fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -548,11 +548,7 @@ def plot_convergence(path, config, mix_agg, dig_agg, scale) -> str:
                  f"{config.mixture.reference_steps} steps, float64; digits: "
                  f"{config.digits.reference_steps} steps). No judge network: a pixel distance."
                  f" Grid: uniform in {config.grid}; dashed: dynamic thresholding", fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _report.save_figure(fig, path)
 
 
 def plot_saturation(path, config, dig_agg, nfe) -> str:
@@ -575,11 +571,7 @@ def plot_saturation(path, config, dig_agg, nfe) -> str:
                  "a pixel statistic of the raw sampler output)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _report.save_figure(fig, path)
 
 
 #: an output this far (RMS per pixel) from the reference has left the data: a quarter of the

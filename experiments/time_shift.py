@@ -43,7 +43,7 @@ import numpy as np
 from experiments import _io
 from experiments._checks import as_tuple, int_values
 from experiments._cli import parse_args
-from experiments._report import markdown_table, over_seeds, write_report
+from experiments._report import markdown_table, over_seeds, save_figure, write_report
 from experiments._runner import Trained
 from experiments._zoo import (
     DEFAULT_ROOT,
@@ -589,11 +589,7 @@ def plot_exposure(path: str, result: dict, steps: Sequence[int], samplers: Seque
     axes[0].set_ylabel("Var_pix(x_t) sampled / forward process")
     fig.suptitle(f"Exposure bias, digits {result['image_size']}x{result['image_size']} "
                  f"(mean over seeds; {judge_note})", fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress=True,
@@ -677,11 +673,7 @@ def _plot_kid(path: str, result: dict) -> str:
                  fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _markdown(config, report) -> str:
