@@ -44,9 +44,7 @@ def unet_config(
 
 def build_unet(cfg: nets.UNetConfig, seed: int) -> tuple[nnx.GraphDef, Any]:
     """A freshly initialised U-Net, split into ``(graphdef, params)``."""
-    model = nets.UNet(cfg, rngs=nnx.Rngs(seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params
+    return nets.init_params(nets.UNet, cfg, seed=seed)
 
 
 def _apply(graphdef, params, x, noise_level, cond):

@@ -64,7 +64,9 @@ JUDGE_STEPS = 800  # classifier optimizer steps
 _TRAIN_STEPS = {8: 1200, 16: 1200}
 
 
-def digits_config(kind: str = "eps", image_size: int = 8) -> ml_collections.ConfigDict:
+def digits_config(
+    kind: str = "eps", image_size: int = 8, *, train_steps: int = 0, fast_compile: bool = False
+) -> ml_collections.ConfigDict:
     """The training config of a zoo digits model.
 
     Args:
@@ -72,6 +74,9 @@ def digits_config(kind: str = "eps", image_size: int = 8) -> ml_collections.Conf
         ``"edm"`` (EDM schedule sigma in [0.002, 80], EDM preconditioning with
         sigma_data = 0.5, EDM loss weighting, log-normal noise levels).
       image_size: 8 (the originals) or 16 (bilinear upsampling, a harder task).
+      train_steps: 0 for the zoo's own training length (the shared cache); > 0 overrides it
+        (smoke runs; the model is then cached under another name).
+      fast_compile: compile the train step with XLA backend optimisations off (smoke runs).
 
     Returns:
       A ``ConfigDict`` for ``experiments._runner.train_denoiser`` (test_fraction 0.5,
@@ -100,6 +105,13 @@ def digits_config(kind: str = "eps", image_size: int = 8) -> ml_collections.Conf
     c.train.ckpt_every = 400
     c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 100
+    if train_steps:
+        n = int(train_steps)
+        if n < 1:
+            raise ValueError(f"train_steps must be >= 0; got {train_steps!r}")
+        c.train.steps, c.train.ckpt_every, c.train.log_every = n, n, max(1, n // 2)
+        c.optim.warmup_steps = min(c.optim.warmup_steps, n - 1)
+    c.train.fast_compile = bool(fast_compile)
     return c
 
 

@@ -69,6 +69,7 @@ from solvers import bdia_ddim, bdia_edm, bdia_invert, ddim, ddim_invert, edm_heu
 from solvers.grids import karras, uniform_time
 
 SAMPLERS = ("ddim", "bdia_ddim", "edm_heun", "bdia_edm")
+PARTS = ("quality", "inversion", "edit")
 EPS_SAMPLERS = ("ddim", "bdia_ddim")  # run on the eps-prediction zoo model
 EDM_SAMPLERS = ("edm_heun", "bdia_edm")  # run on the EDM-parameterized zoo model
 BACKWARD_SOLVERS = ("euler", "heun")
@@ -84,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.zoo_train_steps = 0  # 0: the zoo's own step count (shared cache); > 0 for smoke runs
     c.judge_steps = JUDGE_STEPS
     c.seeds = (0, 1, 2)
+    c.parts = PARTS  # which of the three parts to run (a subset; the report holds those)
     c.fast_compile = False  # XLA backend optimisation level 0 (smoke tests: faster compiles)
     c.quality = ml_collections.ConfigDict(dict(
         samplers=SAMPLERS,
@@ -130,6 +132,9 @@ def check_config(config: ml_collections.ConfigDict, test_size: int | None = None
     bad = [s for s in samplers if s not in SAMPLERS]
     if bad or not samplers:
         raise ValueError(f"quality.samplers must be names from {SAMPLERS}; got {q.samplers!r}")
+    parts = tuple(config.parts) if isinstance(config.parts, (list, tuple)) else (config.parts,)
+    if not parts or any(p not in PARTS for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"parts must be distinct names from {PARTS}; got {config.parts!r}")
     int_values("seeds", config.seeds, 0)
     int_values("image_size", config.image_size, 8, 16)
     int_values("zoo_train_steps", config.zoo_train_steps, 0)
@@ -167,18 +172,9 @@ def check_config(config: ml_collections.ConfigDict, test_size: int | None = None
 
 def zoo_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
     """The zoo training configs of the eps-prediction and EDM-parameterized digits models."""
-    out = {}
-    for kind in ("eps", "edm"):
-        zc = digits_config(kind, config.image_size)
-        if config.zoo_train_steps:
-            zc.train.steps = int(config.zoo_train_steps)
-            zc.train.ckpt_every = int(config.zoo_train_steps)
-            zc.train.log_every = max(1, int(config.zoo_train_steps) // 2)
-            zc.optim.warmup_steps = min(zc.optim.warmup_steps, int(config.zoo_train_steps))
-        if config.fast_compile and "fast_compile" in zc.train:
-            zc.train.fast_compile = True
-        out[kind] = zc
-    return out
+    return {kind: digits_config(kind, config.image_size, train_steps=config.zoo_train_steps,
+                                fast_compile=config.fast_compile)
+            for kind in ("eps", "edm")}
 
 
 def _cond(labels) -> dict:
@@ -500,51 +496,59 @@ def edit_grid(path: str, arrays: dict, judge, rows: int, judge_name: str) -> str
 
 def _tables(report: dict) -> str:
     q, inv, ed = report["quality"], report["inversion"], report["edit"]
-    qrows = {r: {**v, "steps": v["steps"], "nfe": v["nfe"]} for r, v in q["rows"].items()}
-    qrows["real train images (floor)"] = {**q["floor"], "nfe": "-", "steps": "-"}
-    parts = [
-        f"## Quality at equal NFE (n = {q['num_samples']} samples per seed, "
-        f"seeds {report['seeds']}, mean ± sd over seeds)\n",
-        "KID: mean over 100 subsets within a seed; dKID: KID minus the baseline's (DDIM / "
-        "EDM-Heun at the same steps) from the same x_T, per seed. Eps model: uniform-t grid "
-        "to t = 0; EDM model: Karras grid (rho = 7). Lower KID / FD is better.\n",
-        markdown_table(qrows, [("nfe", "NFE"), ("kid", "KID"), ("dkid", "dKID vs base"),
-                               ("fd", "feature-FD"), ("precision", "precision"),
-                               ("recall", "recall"), ("accuracy", "label acc.")],
-                       row_header="sampler", digits=3),
-        f"\n## Exact inversion on the trained U-Net ({inv['num_images']} held-out test digits, "
-        "inverted under their own label, regenerated)\n",
-        "Error of the regenerated images against the originals (pixels in [-1, 1]); PSNR is "
-        "the mean over images not reproduced bit for bit (n_exact). latent std: std of the "
-        "inverted x_T. float64: sampler state and coefficients in float64, U-Net internals "
-        "float32.\n",
-        markdown_table(inv["rows"], [("max_abs", "max abs err"), ("rms", "RMS err"),
-                                     ("psnr", "PSNR (dB)"), ("n_exact", "n_exact"),
-                                     ("latent_std", "latent std")],
-                       row_header="round trip", digits=3),
-        f"\n## Editing ({ed['num_images']} held-out digits, inverted under their label, "
-        f"regenerated under a random other label; {ed['steps']} steps)\n",
-        f"PSNR to the source over the whole image and over the keep region ({ed['keep_region']})"
-        "; acc: the judge's accuracy on the target / source label (the edit took / did not).\n",
-        markdown_table(ed["rows"], [("psnr_src", "PSNR to source"),
-                                    ("psnr_src_keep", "PSNR keep region"),
-                                    ("acc_target", "acc target"), ("acc_source", "acc source")],
-                       row_header="edit", digits=3),
-    ]
+    parts = []
+    if q is not None:
+        qrows = {r: {**v, "steps": v["steps"], "nfe": v["nfe"]} for r, v in q["rows"].items()}
+        qrows["real train images (floor)"] = {**q["floor"], "nfe": "-", "steps": "-"}
+        parts += [
+            f"## Quality at equal NFE (n = {q['num_samples']} samples per seed, "
+            f"seeds {report['seeds']}, mean ± sd over seeds)\n",
+            "KID: mean over 100 subsets within a seed; dKID: KID minus the baseline's (DDIM / "
+            "EDM-Heun at the same steps) from the same x_T, per seed. Eps model: uniform-t grid "
+            "to t = 0; EDM model: Karras grid (rho = 7). Lower KID / FD is better.\n",
+            markdown_table(qrows, [("nfe", "NFE"), ("kid", "KID"), ("dkid", "dKID vs base"),
+                                   ("fd", "feature-FD"), ("precision", "precision"),
+                                   ("recall", "recall"), ("accuracy", "label acc.")],
+                           row_header="sampler", digits=3)]
+    if inv is not None:
+        parts += [
+            f"\n## Exact inversion on the trained U-Net ({inv['num_images']} held-out test digits, "
+            "inverted under their own label, regenerated)\n",
+            "Error of the regenerated images against the originals (pixels in [-1, 1]); PSNR is "
+            "the mean over images not reproduced bit for bit (n_exact). latent std: std of the "
+            "inverted x_T. float64: sampler state and coefficients in float64, U-Net internals "
+            "float32.\n",
+            markdown_table(inv["rows"], [("max_abs", "max abs err"), ("rms", "RMS err"),
+                                         ("psnr", "PSNR (dB)"), ("n_exact", "n_exact"),
+                                         ("latent_std", "latent std")],
+                           row_header="round trip", digits=3)]
+    if ed is not None:
+        parts += [
+            f"\n## Editing ({ed['num_images']} held-out digits, inverted under their label, "
+            f"regenerated under a random other label; {ed['steps']} steps)\n",
+            "PSNR to the source over the whole image and over the keep region "
+            f"({ed['keep_region']}); acc: the judge's accuracy on the target / source label "
+            "(the edit took / did not).\n",
+            markdown_table(ed["rows"], [("psnr_src", "PSNR to source"),
+                                        ("psnr_src_keep", "PSNR keep region"),
+                                        ("acc_target", "acc target"), ("acc_source", "acc source")],
+                           row_header="edit", digits=3)]
     return "\n".join(parts)
 
 
 def _notes(report: dict) -> str:
-    inv = report["inversion"]["rows"]
     lines = ["## Findings (computed from the tables above)", ""]
-    worst = {d: max((v["max_abs"] for v in inv.values()
-                     if v["method"] == "bdia" and v["dtype"] == d), default=float("nan"))
-             for d in ("float32", "float64")}
-    ddim_best = min((v["max_abs"] for v in inv.values() if v["method"] == "ddim"),
-                    default=float("nan"))
-    lines.append(f"- BDIA round trip: worst max abs error {worst['float32']:.2e} (float32), "
-                 f"{worst['float64']:.2e} (float64); DDIM inversion's best {ddim_best:.2e}.")
-    q = report["quality"]["rows"]
+    if report["inversion"] is not None:
+        inv = report["inversion"]["rows"]
+        worst = {d: max((v["max_abs"] for v in inv.values()
+                         if v["method"] == "bdia" and v["dtype"] == d), default=float("nan"))
+                 for d in ("float32", "float64")}
+        ddim_best = min((v["max_abs"] for v in inv.values() if v["method"] == "ddim"),
+                        default=float("nan"))
+        lines.append(f"- BDIA round trip: worst max abs error {worst['float32']:.2e} "
+                     f"(float32), {worst['float64']:.2e} (float64); DDIM inversion's best "
+                     f"{ddim_best:.2e}.")
+    q = report["quality"]["rows"] if report["quality"] is not None else {}
     for r, v in q.items():
         if "dkid" in v:
             d = v["dkid"]
@@ -552,17 +556,16 @@ def _notes(report: dict) -> str:
                 "higher than" if d["mean"] - d["sd"] > 0 else "within 1 sd of")
             lines.append(f"- {r}: KID {sig} the baseline's (dKID {d['mean']:+.4f} ± "
                          f"{d['sd']:.4f}).")
+    secs = report["section_seconds"]
+    spent = ", ".join(f"{p} {secs[p]:.0f} s" for p in PARTS if p in secs)
     lines += ["", f"Command: `{report['command']}`; wall time {report['seconds']:.0f} s "
-              f"(quality {report['section_seconds']['quality']:.0f} s, inversion "
-              f"{report['section_seconds']['inversion']:.0f} s, edit "
-              f"{report['section_seconds']['edit']:.0f} s, models and judges "
-              f"{report['section_seconds']['models']:.0f} s; CPU time of the process "
-              f"{report['section_seconds']['cpu_seconds']:.0f} s)."]
+              f"({spent}, models and judges {secs['models']:.0f} s; CPU time of the process "
+              f"{secs['cpu_seconds']:.0f} s)."]
     return "\n".join(lines)
 
 
 def _curves(report: dict, workdir: str, judge_name: str) -> list[str]:
-    q = report["quality"]["rows"]
+    q = report["quality"]["rows"] if report["quality"] is not None else {}
     figs = []
     for model, title in (("eps", "eps model: DDIM vs BDIA-DDIM"),
                          ("edm", "EDM model: Heun vs BDIA-EDM")):
@@ -615,21 +618,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   f"test acc. {judge.held_out_accuracy:.3f})")
     secs["models"] = time.perf_counter() - t0
 
-    log("quality at equal NFE (eps model)")
-    t0 = time.perf_counter()
-    rows = run_quality(config, "eps", models["eps"], judge, test, jit, log)
-    secs["quality"] = time.perf_counter() - t0
-
-    log("exact inversion (eps model)")
-    t0 = time.perf_counter()
-    inversion = run_inversion(config, models["eps"], test, jit, log)
-    secs["inversion"] = time.perf_counter() - t0
-
-    log("editing (eps model)")
-    t0 = time.perf_counter()
-    edited = run_edit(config, models["eps"], train, test, judge, jit, log)
-    arrays = edited.pop("_arrays")
-    secs["edit"] = time.perf_counter() - t0
+    parts = tuple(config.parts) if isinstance(config.parts, (list, tuple)) else (config.parts,)
+    rows, inversion, edited, arrays = {}, None, None, None
+    if "quality" in parts:
+        log("quality at equal NFE (eps model)")
+        t0 = time.perf_counter()
+        rows = run_quality(config, "eps", models["eps"], judge, test, jit, log)
+        secs["quality"] = time.perf_counter() - t0
+    if "inversion" in parts:
+        log("exact inversion (eps model)")
+        t0 = time.perf_counter()
+        inversion = run_inversion(config, models["eps"], test, jit, log)
+        secs["inversion"] = time.perf_counter() - t0
+    if "edit" in parts:
+        log("editing (eps model)")
+        t0 = time.perf_counter()
+        edited = run_edit(config, models["eps"], train, test, judge, jit, log)
+        arrays = edited.pop("_arrays")
+        secs["edit"] = time.perf_counter() - t0
 
     def write(rows, partial: bool) -> dict:
         d = {k: dict(v) for k, v in rows.items()}
@@ -640,7 +646,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             "zoo": {k: os.path.join(config.zoo_root, zoo_name(zoo[k])) for k in models},
             "zoo_train_steps": {k: int(m.state.step) for k, m in models.items()},
             "judge_test_accuracy": judge.held_out_accuracy,
-            "quality": {"rows": d, "floor": fl, "num_samples": config.quality.num_samples},
+            "quality": ({"rows": d, "floor": fl, "num_samples": config.quality.num_samples}
+                        if "quality" in parts else None),
             "inversion": inversion,
             "edit": edited,
             "command": "python -m experiments.bdia --workdir " + workdir,
@@ -648,8 +655,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             "partial": partial,
         }
         figs = _curves(report, workdir, judge_name)
-        figs.append(edit_grid(os.path.join(workdir, "edit_grid.png"), arrays, judge,
-                              config.edit.grid_rows, judge_name))
+        if edited is not None:
+            figs.append(edit_grid(os.path.join(workdir, "edit_grid.png"), arrays, judge,
+                                  config.edit.grid_rows, judge_name))
         report["seconds"] = time.perf_counter() - t_all
         notes = _notes(report)
         if partial:
@@ -662,8 +670,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        {"seconds": report["seconds"], **report["section_seconds"]})
         return report
 
-    fl = quality_floor(config, train, test, judge)
-    edm_rows = any(r["model"] == "edm" for r in quality_rows(config))
+    fl = quality_floor(config, train, test, judge) if "quality" in parts else None
+    edm_rows = "quality" in parts and any(r["model"] == "edm" for r in quality_rows(config))
     if edm_rows:
         write(rows, partial=True)  # the eps parts, while the EDM model loads / runs
         t0 = time.perf_counter()

@@ -93,10 +93,7 @@ def run(args) -> dict:
     H, C = cfg.image_size, cfg.in_channels
     opts = FAST_COMPILE if args.fast_compile else None
     mesh = make_mesh()
-    # initialised as one compiled program (eagerly, each of its ops would be compiled alone)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: nets.UNet(cfg, rngs=nnx.Rngs(0))))
-    params = jax.jit(lambda: nnx.split(nets.UNet(cfg, rngs=nnx.Rngs(0)), nnx.Param)[1],
-                     compiler_options=opts)()
+    graphdef, params = nets.init_params(nets.UNet, cfg, seed=0)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     schedule = dpm.DiscreteVP.from_name("linear")
     diffusion = ml_collections.ConfigDict(dict(prediction="eps", weighting="eps",

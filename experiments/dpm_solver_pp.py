@@ -380,13 +380,7 @@ def run_mixture(config: ml_collections.ConfigDict, log=print) -> dict:
 def zoo_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The zoo's class-conditional eps digits config (``digits.train_steps > 0`` overrides its
     training length, for smoke tests)."""
-    zc = _zoo.digits_config(kind="eps", image_size=8)
-    if config.digits.train_steps:
-        zc.train.steps = int(config.digits.train_steps)
-        zc.train.ckpt_every = max(1, min(zc.train.ckpt_every, zc.train.steps))
-        zc.train.log_every = max(1, min(zc.train.log_every, zc.train.steps))
-        zc.optim.warmup_steps = min(zc.optim.warmup_steps, max(zc.train.steps - 1, 0))
-    return zc
+    return _zoo.digits_config("eps", 8, train_steps=config.digits.train_steps)
 
 
 def _images(trained, n: int, key) -> jax.Array:

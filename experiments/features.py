@@ -33,9 +33,17 @@ class Judge:
     held_out_accuracy: float
 
     def _apply(self, fn: str, x: np.ndarray, batch: int = 512) -> np.ndarray:
+        # chunks padded to a power of two (at most ``batch``): a few compiled shapes serve
+        # every sample count
         f = _jitted(self.graphdef, fn)
-        outs = [np.asarray(f(self.params, jnp.asarray(x[i : i + batch])))
-                for i in range(0, len(x), batch)]
+        size = min(batch, 1 << max(0, int(len(x)) - 1).bit_length())
+        outs = []
+        for i in range(0, len(x), size):
+            chunk = np.asarray(x[i : i + size], np.float32)
+            pad = size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
+            outs.append(np.asarray(f(self.params, jnp.asarray(chunk)))[: size - pad])
         return np.concatenate(outs, 0)
 
     def features(self, x: np.ndarray) -> np.ndarray:
@@ -99,8 +107,8 @@ def train_classifier(
         if len(x_test) < 1 or x_test.shape[1:] != x.shape[1:]:
             raise ValueError(f"test images must have shape (M, {H}, {W}, {C}) with M >= 1; "
                              f"got {np.shape(x_test)}")
-    model = nets.Classifier(num_classes, C, H, width, dropout=0.1, rngs=nnx.Rngs(seed))
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params = nets.init_params(nets.Classifier, num_classes, C, H, width, dropout=0.1,
+                                        seed=seed)
 
     def loss_fn(p, batch, key):
         # light augmentation: random 1-pixel shifts keep the features from memorising pixels

@@ -133,7 +133,8 @@ class Row:
 
 def solvers_of(config) -> dict[str, Callable]:
     """solver name -> ``fn(den, x_T, ts, key)`` (one jitted program per solver and grid
-    length)."""
+    length; with ``train.fast_compile`` compiled with XLA backend optimisations off, like the
+    train step)."""
     e = config.eval
     ts_ddim = time_shift(ddim, window=e.ts_window, cutoff=e.ts_cutoff)
     fns = {
@@ -144,7 +145,9 @@ def solvers_of(config) -> dict[str, Callable]:
         "TS-DDIM": lambda d, x, ts, key: ts_ddim(d, x, ts),
         "DDPM": lambda d, x, ts, key: ddpm(d, x, ts, key=key),
     }
-    return {k: jax.jit(f) for k, f in fns.items()}
+    fast = config.train.get("fast_compile", False)
+    opts = {"xla_backend_optimization_level": 0} if fast else None
+    return {k: jax.jit(f, compiler_options=opts) for k, f in fns.items()}
 
 
 def rows_of(config) -> list[Row]:

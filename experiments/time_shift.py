@@ -363,14 +363,8 @@ def _cached(workdir: str | None, key: dict, fn):
 
 
 def zoo_config(config, image_size: int) -> ml_collections.ConfigDict:
-    zc = digits_config("eps", image_size)
-    n = int(config.zoo_train_steps)
-    if n:
-        zc.train.steps = n
-        zc.train.ckpt_every = n
-        zc.train.log_every = max(1, n // 2)
-        zc.optim.warmup_steps = min(zc.optim.warmup_steps, n)
-    return zc
+    return digits_config("eps", image_size, train_steps=config.zoo_train_steps,
+                         fast_compile=config.fast_compile)
 
 
 def _cell(config, workdir, trained: Trained, grader, grade_on: dict, *, zoo: str, tag: str,

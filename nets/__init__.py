@@ -1,5 +1,6 @@
 """Flax NNX backbones. They know nothing about schedules or parameterizations."""
 
+from nets._init import init_params
 from nets.classifier import Classifier
 from nets.mlp import MLP
 from nets.unet import UNet, UNetConfig, count_params, ddpm_cifar10, small, tiny
@@ -10,6 +11,7 @@ __all__ = [
     "UNet",
     "UNetConfig",
     "count_params",
+    "init_params",
     "ddpm_cifar10",
     "small",
     "tiny",

@@ -1,10 +1,11 @@
-"""experiments.bdia: the whole pipeline in a smoke configuration (tiny zoo models trained in a
-temporary root), its exactness claims on the untrained network, the NFE it reports against the
-samplers' own counts, and bad settings refused before any work."""
+"""experiments.bdia: the whole pipeline in a smoke configuration (on the session's smoke zoo),
+its exactness claims on the untrained network, the NFE it reports against the samplers' own
+counts, and bad settings refused before any work."""
 
 import functools
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,6 @@ from experiments._zoo import digits_config
 from solvers import bdia_ddim, bdia_edm, ddim, edm_heun
 
 SMOKE = [
-    "zoo_train_steps=2",
-    "judge_steps=2",
     "seeds=(0,)",
     "fast_compile=True",
     "quality.num_samples=20",
@@ -37,20 +36,31 @@ SMOKE = [
 ]
 
 
-def _smoke_config(root):
-    return apply_overrides(bdia.get_config(), [*SMOKE, f"zoo_root={root}"])
+def _smoke_config(zoo):
+    """The smoke settings on ``zoo`` (the ``smoke_zoo`` fixture)."""
+    return apply_overrides(bdia.get_config(), [*SMOKE, f"zoo_root={zoo.root}",
+                                               f"zoo_train_steps={zoo.steps}",
+                                               f"judge_steps={zoo.steps}"])
 
 
-def test_bdia_experiment_smoke(tmp_path):
+def _run(tmp_path, zoo, parts):
     workdir = str(tmp_path / "bdia")
-    report = bdia.train_and_evaluate(_smoke_config(str(tmp_path / "zoo")), workdir,
-                                     progress=False, log=lambda s: None)
-    for f in ("report.md", "report.json", "kid_vs_nfe_eps.png", "kid_vs_nfe_edm.png",
-              "edit_grid.png"):
-        assert os.path.getsize(os.path.join(workdir, f)) > 0, f
+    config = apply_overrides(_smoke_config(zoo), [f"parts={parts!r}"])
+    report = bdia.train_and_evaluate(config, workdir, progress=False, log=lambda s: None)
     with open(os.path.join(workdir, "report.json")) as f:
         saved = json.load(f)
     assert "in-project" in saved["judge"]
+    with open(os.path.join(workdir, "report.md")) as f:
+        md = f.read()
+    return workdir, report, md
+
+
+def test_bdia_experiment_smoke_quality(tmp_path, smoke_zoo):
+    workdir, report, md = _run(tmp_path, smoke_zoo, ("quality",))
+    for f in ("report.md", "report.json", "kid_vs_nfe_eps.png", "kid_vs_nfe_edm.png"):
+        assert os.path.getsize(os.path.join(workdir, f)) > 0, f
+    assert not os.path.exists(os.path.join(workdir, "edit_grid.png"))
+    assert report["inversion"] is None and report["edit"] is None
 
     q = report["quality"]["rows"]
     assert list(q) == ["DDIM, 3 steps", "BDIA-DDIM g=1, 3 steps", "EDM-Heun, 3 steps",
@@ -59,9 +69,16 @@ def test_bdia_experiment_smoke(tmp_path):
     for r in q.values():
         assert 0.0 <= r["accuracy"]["mean"] <= 1.0 and np.isfinite(r["kid"]["mean"])
     assert "dkid" in q["BDIA-DDIM g=1, 3 steps"] and "dkid" not in q["DDIM, 3 steps"]
+    assert "BDIA-EDM g=0.5, 3 steps" in md and "Judge" in md and "Exact inversion" not in md
 
-    # exact inversion on the (untrained) U-Net: BDIA reproduces the digits to float round-off;
-    # DDIM inversion does not, and neither does BDIA sampling with its pair broken
+
+def test_bdia_experiment_smoke_inversion_and_edit(tmp_path, smoke_zoo):
+    workdir, report, md = _run(tmp_path, smoke_zoo, ("inversion", "edit"))
+    assert os.path.getsize(os.path.join(workdir, "edit_grid.png")) > 0
+    assert report["quality"] is None and "Quality at equal NFE" not in md
+
+    # exact inversion on the (barely trained) U-Net: BDIA reproduces the digits to float
+    # round-off; DDIM inversion does not, and neither does BDIA sampling with its pair broken
     inv = report["inversion"]["rows"]
     b32, b64 = inv["BDIA g=1, 3 steps, float32"], inv["BDIA g=1, 3 steps, float64"]
     d32 = inv["DDIM inversion, 3 steps, float32"]
@@ -79,9 +96,7 @@ def test_bdia_experiment_smoke(tmp_path):
                       "DDIM-inversion edit, from t=1", "BDIA g=1 edit, from t=1"}
     for r in e.values():
         assert 0.0 <= r["acc_target"] <= 1.0 and np.isfinite(r["psnr_src_keep"])
-    with open(os.path.join(workdir, "report.md")) as f:
-        md = f.read()
-    assert "Exact inversion" in md and "BDIA-EDM g=0.5, 3 steps" in md and "Judge" in md
+    assert "Exact inversion" in md and "Editing" in md
 
 
 @pytest.mark.parametrize(
@@ -93,6 +108,8 @@ def test_bdia_experiment_smoke(tmp_path):
         ("quality.gammas=(0.5, 1.5)", "quality.gammas"),
         ("quality.edm_gammas=(-0.1,)", "quality.edm_gammas"),
         ("quality.edm_backward_solver=rk4", "quality.edm_backward_solver"),
+        ("parts=('quality', 'invert')", "parts"),
+        ("parts=()", "parts"),
         ("invert.gamma=0.0", "invert.gamma"),
         ("invert.steps=(0,)", "invert.steps"),
         ("edit.gamma=1.2", "edit.gamma"),
@@ -102,7 +119,8 @@ def test_bdia_experiment_smoke(tmp_path):
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path, override, name):
-    config = apply_overrides(_smoke_config(str(tmp_path / "zoo")), [override])
+    zoo = types.SimpleNamespace(root=str(tmp_path / "zoo"), steps=2)
+    config = apply_overrides(_smoke_config(zoo), [override])
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         bdia.train_and_evaluate(config, str(tmp_path / "bdia"), progress=False,
                                 log=lambda s: None)

@@ -122,14 +122,14 @@ def test_mixture_run_converges_and_reports(tmp_path):
     assert {r["sampler"] for r in rows} == {"dpm++2m"}
 
 
-def test_digits_tiny_run_writes_the_full_report(tmp_path):
+def test_digits_tiny_run_writes_the_full_report(tmp_path, smoke_zoo):
     workdir = str(tmp_path / "dig")
     config = _config([
         "mixture.enabled=False", "seeds=(0, 1)", "samplers=('dpm++2m',)", "nfes=(3,)",
         "scales=(1.0, 8.0)", "digits.reference_steps=6", "digits.conv_samples=2",
         "digits.check_samples=1", "digits.kid_samples=10", "digits.kid_nfe=3",
-        "digits.kid_scales=(8.0,)", f"digits.zoo_root={tmp_path / 'zoo'}",
-        "digits.train_steps=2", "digits.judge_steps=2",
+        "digits.kid_scales=(8.0,)", f"digits.zoo_root={smoke_zoo.root}",
+        f"digits.train_steps={smoke_zoo.steps}", f"digits.judge_steps={smoke_zoo.steps}",
     ])
     report = exp.train_and_evaluate(config, workdir, progress=False, log=lambda *_: None)
     assert report["digits"]["train_steps"] == 2

@@ -18,7 +18,16 @@ import optax
 import pytest
 from flax import nnx
 
-from nets import Classifier, UNet, UNetConfig, count_params, ddpm_cifar10, small, tiny
+from nets import (
+    Classifier,
+    UNet,
+    UNetConfig,
+    count_params,
+    ddpm_cifar10,
+    init_params,
+    small,
+    tiny,
+)
 from nets._layers import AttnBlock, GroupNorm, group_count, sinusoidal_embedding
 
 # A conditional tiny net exercising labels, a conditioning image and dropout at once, plus the
@@ -443,3 +452,19 @@ def test_classifier_fits_a_tiny_batch():
     assert losses[0] > 0.8 * math.log(4)
     assert losses[-1] < 0.1 * losses[0], losses[-1]
     assert float(accuracy) == 1.0
+
+
+def test_init_params_is_the_eager_construction_compiled_once():
+    cfg = tiny(8, num_classes=10)
+    eager_graphdef, eager = nnx.split(UNet(cfg, rngs=nnx.Rngs(3)), nnx.Param)
+    graphdef, params = init_params(UNet, cfg, seed=3)
+    assert graphdef == eager_graphdef
+    # the same random bits; only the initialisers' scaling may round differently when fused
+    chex.assert_trees_all_close(params, eager, rtol=1e-6, atol=1e-7)
+    other = init_params(UNet, cfg, seed=4)[1]
+    assert not np.allclose(other["conv_in"]["kernel"][...], params["conv_in"]["kernel"][...])
+    g2, p2 = init_params(Classifier, 10, 1, 8, 16, dropout=0.1, seed=0)
+    clf = nnx.merge(g2, p2)
+    assert clf(jnp.zeros((2, 8, 8, 1))).shape == (2, 10)
+    with pytest.raises(TypeError, match="hashable"):
+        init_params(Classifier, 10, 1, 8, 16, dropout=[0.1], seed=0)

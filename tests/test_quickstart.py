@@ -17,6 +17,7 @@ SMOKE = [
     "train.ckpt_every=2",
     "train.log_every=2",
     "train.batch_size=32",
+    "train.fast_compile=True",
     "eval.num_samples=60",
     "eval.nfe=3",
     "eval.edm_steps=2",

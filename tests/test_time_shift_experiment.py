@@ -15,11 +15,11 @@ from solvers import time_shift
 from solvers.grids import uniform_time
 
 
-def _smoke_config(root):
+def _smoke_config(zoo):
     c = T.get_config()
-    c.zoo_root = os.path.join(root, "zoo")
-    c.zoo_train_steps = 4
-    c.judge_steps = 4
+    c.zoo_root = zoo.root
+    c.zoo_train_steps = zoo.steps
+    c.judge_steps = zoo.steps
     c.fast_compile = True
     c.kid_subsets = 5
     c.datasets.digits8.num_samples = 20
@@ -105,8 +105,8 @@ def test_forward_variance_matches_closed_form_and_noised_data():
     assert np.isnan(T.implied_index(schedule, np.array([0.5 * v0]), v0)).all()
 
 
-def test_smoke_report_rows_exposure_and_window_zero(tmp_path):
-    c = _smoke_config(str(tmp_path))
+def test_smoke_report_rows_exposure_and_window_zero(tmp_path, smoke_zoo):
+    c = _smoke_config(smoke_zoo)
     workdir = str(tmp_path / "ts")
     report = T.train_and_evaluate(c, workdir, progress=False, log=lambda *a: None)
 

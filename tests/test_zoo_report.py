@@ -69,6 +69,12 @@ def test_zoo_configs_and_names():
     train, test = _zoo.digits_data(eps)
     assert len(train["x"]) == 899 and len(test["x"]) == 898
     assert not set(map(bytes, train["x"])) & set(map(bytes, test["x"][:50]))
+    short = _zoo.digits_config("edm", 8, train_steps=3, fast_compile=True)
+    assert short.train.steps == 3 and short.train.ckpt_every == 3 and short.train.fast_compile
+    assert short.optim.warmup_steps == 2 and _zoo.zoo_name(short) == "digits8_edm_3"
+    assert eps.train.fast_compile is False and eps.train.steps > 3
+    with pytest.raises(ValueError, match="train_steps"):
+        _zoo.digits_config("eps", 8, train_steps=-1)
     with pytest.raises(ValueError, match="kind"):
         _zoo.digits_config("v")
     with pytest.raises(ValueError, match="image_size"):
