@@ -4,15 +4,33 @@ from nets._init import init_params
 from nets.classifier import Classifier
 from nets.mlp import MLP
 from nets.unet import UNet, UNetConfig, count_params, ddpm_cifar10, small, tiny
+from nets.vae import (
+    VAE,
+    VAEConfig,
+    parse_blocks,
+    parse_channels,
+    vae_celeba64,
+    vae_celebahq128,
+    vae_cifar10,
+    vae_digits,
+)
 
 __all__ = [
     "Classifier",
     "MLP",
     "UNet",
     "UNetConfig",
+    "VAE",
+    "VAEConfig",
     "count_params",
     "init_params",
+    "parse_blocks",
+    "parse_channels",
     "ddpm_cifar10",
     "small",
     "tiny",
+    "vae_celeba64",
+    "vae_celebahq128",
+    "vae_cifar10",
+    "vae_digits",
 ]

@@ -9,12 +9,15 @@ from dpm.losses.denoising import (
     log_weight,
     sample_time,
 )
+from dpm.losses.vae import beta_vae_loss, gaussian_kl
 
 __all__ = [
     "TIME_SAMPLERS",
     "WEIGHTINGS",
+    "beta_vae_loss",
     "denoising_loss",
     "diffuse",
+    "gaussian_kl",
     "log_weight",
     "sample_time",
 ]
