@@ -1,6 +1,7 @@
 """Training objectives, one module per family; each is a per-example loss
 ``loss(params, batch, key) -> (B,)`` that a train step reduces."""
 
+from dpm.losses import diffusevae
 from dpm.losses.denoising import (
     TIME_SAMPLERS,
     WEIGHTINGS,
@@ -16,6 +17,7 @@ __all__ = [
     "WEIGHTINGS",
     "beta_vae_loss",
     "denoising_loss",
+    "diffusevae",
     "diffuse",
     "gaussian_kl",
     "log_weight",
