@@ -135,6 +135,28 @@ def test_restore_uses_the_abstract_shardings(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_replicated_state_round_trips_to_any_sharding(tmp_path):
+    # a state replicated over the 8 devices is written as one host copy (see
+    # _replicas_to_host): it must restore bitwise, replicated or on one device
+    mesh = make_mesh()
+    state, _ = fresh_state()
+    rep = jax.device_put(state, replicated(mesh))
+    with Checkpointer(tmp_path, config=CONFIG) as ckpt:
+        ckpt.save(3, rep, data_state={"position": 3})
+    want = leaves_as_numpy(state)
+    for sharding in (replicated(mesh), jax.sharding.SingleDeviceSharding(jax.devices()[0])):
+        abstract = jax.tree.map(
+            lambda x, s=sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state)
+        with Checkpointer(tmp_path, config=CONFIG) as ckpt:
+            restored, _, step = ckpt.restore_latest(abstract)
+        assert step == 3
+        for leaf in jax.tree.leaves(restored):
+            assert isinstance(leaf, jax.Array)
+            assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+        for x, y in zip(leaves_as_numpy(restored), want, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
 def test_empty_directory_restores_none(tmp_path):
     state, _ = fresh_state()
     with Checkpointer(tmp_path / "new") as ckpt:

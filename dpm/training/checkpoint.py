@@ -104,6 +104,25 @@ def _listing(lines: list[str]) -> str:
     return "\n  ".join([""] + shown)
 
 
+def _replicas_to_host(state: PyTree) -> PyTree:
+    """Fully replicated arrays as one host (numpy) copy, in a single-process run.
+
+    Orbax writes a replicated ``jax.Array`` through per-shard slicing and host copies: on 8
+    devices about 4,000 eager ops per save of the tiny U-Net's train state (5 s on CPU, against
+    under 1 s for the same state as numpy). The bytes written are the same, and a restore
+    into a sharded abstract state reads them back as sharded arrays."""
+    if jax.process_count() != 1:
+        return state
+
+    def host(x):
+        if isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) \
+                and x.is_fully_replicated and len(x.sharding.device_set) > 1:
+            return np.asarray(x)
+        return x
+
+    return jax.tree.map(host, state)
+
+
 class Checkpointer:
     """Periodic, atomic, resumable checkpoints of a train state plus config and data position.
 
@@ -199,6 +218,7 @@ class Checkpointer:
             return False
         self._seal_finished_saves()
         meta = {"config": self._config, "data_state": data_state, "layout": _layout(state)}
+        state = _replicas_to_host(state)
         started = bool(
             self._manager.save(
                 step,
