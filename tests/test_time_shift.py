@@ -19,6 +19,7 @@ from dpm.schedules import DiscreteVP
 from solvers import grids
 from solvers.ddim import ddim
 from solvers.ddpm import ddpm
+from solvers.dpm_solver import dpm_solver
 from solvers.pndm import pndm
 from solvers.time_shift import TimeShift, sample_variance, select_shifted_time, time_shift
 
@@ -187,11 +188,13 @@ def test_integration_semantics(x64, name):
         np.testing.assert_allclose(x[2], _ddim_map(x[1], rk, s, t), atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "f-pndm"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "f-pndm", "dpm-solver-2m"])
 def test_window_zero_is_the_base_sampler_bitwise(name):
     den, x_T, ts = _mixture_setup()
-    base = jit(SAMPLERS[name])(den, x_T, ts)
-    wrapped = jit(time_shift(SAMPLERS[name], window=0, cutoff=0.3))(den, x_T, ts)
+    fn = (functools.partial(dpm_solver, order=2, method="multistep")
+          if name == "dpm-solver-2m" else SAMPLERS[name])
+    base = jit(fn)(den, x_T, ts)
+    wrapped = jit(time_shift(fn, window=0, cutoff=0.3))(den, x_T, ts)
     np.testing.assert_array_equal(base, wrapped)
 
 
