@@ -5,6 +5,7 @@ from solvers import grids
 from solvers.bdia import BDIAPair, bdia_ddim, bdia_edm, bdia_edm_invert, bdia_invert
 from solvers.ddim import ddim, ddim_invert
 from solvers.ddpm import ddpm
+from solvers.diffusevae import diffusevae_sample
 from solvers.dpm_solver import dpm_solver, dpm_solver_fast_orders, dpm_solver_pp
 from solvers.edm import edm_euler, edm_heun, edm_stochastic
 from solvers.pndm import pndm
@@ -21,6 +22,7 @@ __all__ = [
     "ddim",
     "ddim_invert",
     "ddpm",
+    "diffusevae_sample",
     "dpm_solver",
     "dpm_solver_fast_orders",
     "dpm_solver_pp",
