@@ -11,8 +11,8 @@ import numpy as np
 
 from experiments import _io
 
-__all__ = ["format_mean_sd", "markdown_table", "over_seeds", "plot_curves", "save_figure",
-           "write_report"]
+__all__ = ["command_flags", "format_mean_sd", "markdown_table", "over_seeds", "overrides",
+           "plot_curves", "save_figure", "write_report"]
 
 
 def over_seeds(fn: Callable[[int], Mapping[str, float]], seeds: Sequence[int]) -> dict:
@@ -202,3 +202,24 @@ def save_figure(fig, path: str) -> str:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def overrides(config, default) -> list[tuple[str, object]]:
+    """``(dotted key, value)`` of every setting of ``config`` that differs from ``default``
+    (both ConfigDicts), so a report states exactly how its run departed from the default."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+        return out
+
+    new, old = flat(config.to_dict()), flat(default.to_dict())
+    return [(k, v) for k, v in new.items() if old.get(k, object()) != v]
+
+
+def command_flags(config, default) -> str:
+    """The ``--config.key=value`` flags that turn ``default`` into ``config``."""
+    return " ".join(f"--config.{k}={v!r}".replace(" ", "") for k, v in overrides(config, default))

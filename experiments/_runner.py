@@ -263,6 +263,105 @@ def _sample_grid(trained: Trained, config, n: int, steps: int, key) -> np.ndarra
     return np.asarray(jax.jit(ddim)(den, x_T, ts))
 
 
+def fit(
+    train_step,
+    state: TrainState,
+    it: BatchIterator,
+    workdir: str,
+    *,
+    steps: int,
+    ckpt_config: dict[str, Any],
+    ckpt_every: int,
+    keep: int = 3,
+    log_every: int = 50,
+    extra: tuple = (),
+    fast_compile: bool = False,
+    progress: bool = True,
+    label: str = "train",
+    mesh=None,
+    on_step=None,
+) -> tuple[TrainState, int]:
+    """Runs (or resumes) ``train_step`` to ``steps`` steps with atomic checkpoints in
+    ``workdir/checkpoints`` and metrics in ``workdir/metrics.jsonl``.
+
+    The latest checkpoint of ``workdir`` (state, data position) is restored first; one of
+    another ``ckpt_config`` is refused with a clear error. A finished run costs nothing.
+
+    Args:
+      train_step: ``(state, batch, *extra) -> (state, metrics)`` (not jitted: jitted here,
+        data-parallel over ``mesh``).
+      state: the freshly initialised state (its structure is what a checkpoint must match).
+      it: the batch iterator (its position is checkpointed).
+      workdir: the run directory.
+      steps: the total number of steps.
+      ckpt_config: what must match to resume (model, data, ...), stored with each checkpoint.
+      ckpt_every, keep: checkpoint period and the number kept.
+      log_every: metrics period.
+      extra: further train-step arguments (e.g. a frozen network's parameters), replicated.
+      fast_compile: compile with XLA backend optimisations off (smoke runs).
+      progress: show a progress bar.
+      label: the progress bar's name.
+      mesh: the device mesh (all devices by default).
+      on_step: optional ``(done, state) -> None`` called after every step.
+
+    Returns:
+      ``(state, start)``: the final state and the step the run started (resumed) from.
+    """
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh() if mesh is None else mesh
+    state = replicate(state, mesh)
+    extra = tuple(replicate(e, mesh) for e in extra)
+    # fast_compile: XLA backend optimisations off, for smoke runs (compiles in a fraction of the
+    # time, steps run slower)
+    opts = {"xla_backend_optimization_level": 0} if fast_compile else None
+    step_fn = jit_train_step(train_step, mesh, compiler_options=opts)
+    metrics_log = _io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=ckpt_every,
+                        keep=keep, config=ckpt_config)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+        state, data_state, _ = restored
+        it.restore(data_state)
+    start = int(state.step)
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[rate]:.1f} it/s"), TextColumn("loss {task.fields[loss]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(label, total=steps, completed=start, rate=0.0, loss="-")
+        t_log, s_log = time.perf_counter(), start
+        for step in range(start, steps):
+            batch = shard_batch(next(it), mesh)
+            state, metrics = step_fn(state, batch, *extra)
+            done = step + 1
+            if done % log_every == 0 or done == steps:
+                m = jax.device_get(metrics)
+                now = time.perf_counter()
+                rate = (done - s_log) / max(now - t_log, 1e-9)
+                t_log, s_log = now, done
+                metrics_log.write({"step": done, **m, "steps_per_s": rate})
+                bar.update(task, completed=done, rate=rate, loss=f"{float(m['loss']):.4f}")
+            ckpt.maybe_save(done, state, data_state=it.state())
+            if on_step is not None:
+                on_step(done, state)
+        if start < steps:
+            ckpt.save(steps, state, data_state=it.state())
+    ckpt.wait_until_finished()
+    ckpt.close()
+    return state, start
+
+
 def train_denoiser(
     config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
 ) -> Trained:
@@ -303,71 +402,28 @@ def train_denoiser(
         warmup_steps=min(o.warmup_steps, config.train.steps - 1),
         weight_decay=o.weight_decay, clip_norm=o.clip_norm, schedule=o.schedule,
     )
-    mesh = make_mesh()
-    state = replicate(init_train_state(params, optimizer, jax.random.key(config.seed)), mesh)
+    state = init_train_state(params, optimizer, jax.random.key(config.seed))
     loss = make_loss(graphdef, schedule, config.diffusion, num_classes=ucfg.num_classes,
                      label_dropout=config.model.label_dropout)
     ema = functools.partial(warmup_ema_decay, decay=o.ema_decay)
-    # fast_compile: XLA backend optimisations off, for smoke runs (compiles in a fraction of the
-    # time, steps run slower)
-    opts = {"xla_backend_optimization_level": 0} if config.train.get("fast_compile") else None
-    step_fn = jit_train_step(make_train_step(loss, optimizer, ema_decay=ema), mesh,
-                             compiler_options=opts)
-
-    metrics_log = _io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.train.ckpt_every,
-                        keep=config.train.keep, config=_checkpoint_config(config))
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
-    restored = ckpt.restore_latest(abstract)
-    if restored is not None:
-        state, data_state, _ = restored
-        it.restore(data_state)
-    start = int(state.step)
-    total = config.train.steps
-    trained = Trained(graphdef, state, schedule, ucfg, data, config.diffusion, 0, 0.0,
+    trained = Trained(graphdef, None, schedule, ucfg, data, config.diffusion, 0, 0.0,
                       test_data if len(test_data["x"]) else None)
 
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    def sample_grid(done, state):
+        se = config.train.sample_every
+        if se and done % se == 0:
+            trained.state = state
+            imgs = _sample_grid(trained, config, config.train.num_sample_images,
+                                config.train.sample_steps, jax.random.key(done))
+            _io.save_image_grid(os.path.join(workdir, "samples", f"step_{done:07d}.png"), imgs)
 
-    columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[rate]:.1f} it/s"), TextColumn("loss {task.fields[loss]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    last_loss = "-"
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("train", total=total, completed=start, rate=0.0, loss=last_loss)
-        t_log, s_log = time.perf_counter(), start
-        for step in range(start, total):
-            batch = shard_batch(next(it), mesh)
-            state, metrics = step_fn(state, batch)
-            done = step + 1
-            if done % config.train.log_every == 0 or done == total:
-                m = jax.device_get(metrics)
-                now = time.perf_counter()
-                rate = (done - s_log) / max(now - t_log, 1e-9)
-                t_log, s_log = now, done
-                last_loss = f"{float(m['loss']):.4f}"
-                metrics_log.write({"step": done, **m, "steps_per_s": rate})
-                bar.update(task, completed=done, rate=rate, loss=last_loss)
-            ckpt.maybe_save(done, state, data_state=it.state())
-            se = config.train.sample_every
-            if se and done % se == 0:
-                trained.state = state
-                imgs = _sample_grid(trained, config, config.train.num_sample_images,
-                                    config.train.sample_steps, jax.random.key(done))
-                _io.save_image_grid(os.path.join(workdir, "samples", f"step_{done:07d}.png"), imgs)
-        if start < total:
-            ckpt.save(total, state, data_state=it.state())
-    ckpt.wait_until_finished()
-    ckpt.close()
+    t = config.train
+    state, start = fit(
+        make_train_step(loss, optimizer, ema_decay=ema), state, it, workdir, steps=t.steps,
+        ckpt_config=_checkpoint_config(config), ckpt_every=t.ckpt_every, keep=t.keep,
+        log_every=t.log_every, fast_compile=bool(t.get("fast_compile")), progress=progress,
+        on_step=sample_grid)
     trained.state = state
-    trained.steps_run = total - start
+    trained.steps_run = t.steps - start
     trained.seconds = time.perf_counter() - t_start
     return trained

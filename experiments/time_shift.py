@@ -43,7 +43,13 @@ import numpy as np
 from experiments import _io
 from experiments._checks import as_tuple, int_values
 from experiments._cli import parse_args
-from experiments._report import markdown_table, over_seeds, save_figure, write_report
+from experiments._report import (
+    command_flags,
+    markdown_table,
+    over_seeds,
+    save_figure,
+    write_report,
+)
 from experiments._runner import Trained
 from experiments._zoo import (
     DEFAULT_ROOT,
@@ -761,29 +767,13 @@ def _notes(config, report) -> str:
               "base-vs-TS differences use the same labels and x_T and are unaffected."]
     lines += ["", "## Exposure bias and what TS did", ""]
     lines += [f"- {v}" for v in findings(config, report)]
-    flags = " ".join(f"--config.{k}={v!r}".replace(" ", "") for k, v in overrides(config))
+    flags = command_flags(config, get_config())
     lines += ["", "Command: `python -m experiments.time_shift --workdir runs/time_shift"
               + (f" {flags}`" if flags else "`"),
               "", f"Run time of the last invocation, excluding the shared zoo training: "
               f"{report['seconds_excluding_zoo']:.0f} s (cells restored from the workdir's "
               f"cache cost nothing)."]
     return "\n".join(lines)
-
-
-def overrides(config) -> list[tuple[str, object]]:
-    """``(dotted key, value)`` of every setting of ``config`` that differs from
-    :func:`get_config`, so a report states exactly how its run departed from the default."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-        return out
-
-    new, default = flat(config.to_dict()), flat(get_config().to_dict())
-    return [(k, v) for k, v in new.items() if default.get(k, object()) != v]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
