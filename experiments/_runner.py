@@ -263,6 +263,14 @@ def _sample_grid(trained: Trained, config, n: int, steps: int, key) -> np.ndarra
     return np.asarray(jax.jit(ddim)(den, x_T, ts))
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_step(train_step, mesh, fast_compile: bool):
+    # one compiled program per step function: a run resumed in the same process (or several
+    # runs of one step) compiles once
+    opts = {"xla_backend_optimization_level": 0} if fast_compile else None
+    return jit_train_step(train_step, mesh, compiler_options=opts)
+
+
 def fit(
     train_step,
     state: TrainState,
@@ -290,7 +298,8 @@ def fit(
     Args:
       train_step: ``(state, batch, *extra) -> (state, metrics)`` (not jitted: jitted here,
         data-parallel over ``mesh``).
-      state: the freshly initialised state (its structure is what a checkpoint must match).
+      state: the freshly initialised state (its structure is what a checkpoint must match);
+        consumed: its buffers are donated to the train step.
       it: the batch iterator (its position is checkpointed).
       workdir: the run directory.
       steps: the total number of steps.
@@ -321,8 +330,7 @@ def fit(
     extra = tuple(replicate(e, mesh) for e in extra)
     # fast_compile: XLA backend optimisations off, for smoke runs (compiles in a fraction of the
     # time, steps run slower)
-    opts = {"xla_backend_optimization_level": 0} if fast_compile else None
-    step_fn = jit_train_step(train_step, mesh, compiler_options=opts)
+    step_fn = _jitted_step(train_step, mesh, bool(fast_compile))
     metrics_log = _io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=ckpt_every,
                         keep=keep, config=ckpt_config)

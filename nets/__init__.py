@@ -1,6 +1,17 @@
 """Flax NNX backbones. They know nothing about schedules or parameterizations."""
 
 from nets._init import init_params
+from nets.autoencoder import (
+    AutoencoderConfig,
+    AutoencoderKL,
+    PatchDiscriminator,
+    PatchDiscriminatorConfig,
+    autoencoder_digits,
+    frozen_encoder_decoder,
+    kl_f4,
+    kl_f8,
+    latent_codec,
+)
 from nets.classifier import Classifier
 from nets.mlp import MLP
 from nets.unet import UNet, UNetConfig, count_params, ddpm_cifar10, small, tiny
@@ -33,4 +44,13 @@ __all__ = [
     "vae_celebahq128",
     "vae_cifar10",
     "vae_digits",
+    "AutoencoderConfig",
+    "AutoencoderKL",
+    "PatchDiscriminator",
+    "PatchDiscriminatorConfig",
+    "autoencoder_digits",
+    "frozen_encoder_decoder",
+    "kl_f4",
+    "kl_f8",
+    "latent_codec",
 ]

@@ -51,6 +51,9 @@ class UNetConfig:
       num_classes: None = unconditional; else labels in [0, num_classes] where index
         `num_classes` is the null class of classifier-free guidance.
       extra_in_channels: channels of a conditioning image concatenated to x.
+      vector_cond_dim: width D of a conditioning vector ``cond["vector"]`` (B, D) mapped by
+        Linear -> SiLU -> Linear to the time-embedding width and added to it (DiffuseVAE's
+        ``z_cond``); 0 = none.
       learned_variance: output 2 * out_channels (mean and variance interpolation, iDDPM/ADM).
       use_scale_shift_norm: FiLM conditioning in the second norm of each block (ADM), else an
         additive time embedding (DDPM).
@@ -74,6 +77,7 @@ class UNetConfig:
     resample_with_conv: bool = True
     num_classes: int | None = None
     extra_in_channels: int = 0
+    vector_cond_dim: int = 0
     learned_variance: bool = False
     use_scale_shift_norm: bool = False
     dtype: Any = jnp.float32
@@ -122,6 +126,8 @@ class UNetConfig:
             raise ValueError(f"num_classes must be None or a positive int, got {self.num_classes}")
         if not isinstance(self.extra_in_channels, int) or self.extra_in_channels < 0:
             raise ValueError(f"extra_in_channels must be an int >= 0, got {self.extra_in_channels}")
+        if not isinstance(self.vector_cond_dim, int) or self.vector_cond_dim < 0:
+            raise ValueError(f"vector_cond_dim must be an int >= 0, got {self.vector_cond_dim!r}")
         if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
             raise ValueError(f"dtype must be a floating dtype, got {self.dtype}")
         if self.padding not in _PADDINGS:
@@ -217,6 +223,9 @@ class UNet(nnx.Module):
             if cfg.num_classes is not None
             else None
         )
+        vd = cfg.vector_cond_dim
+        self.vec_emb_0 = dense(vd, emb_dim, rngs=rngs) if vd else None
+        self.vec_emb_1 = dense(emb_dim, emb_dim, rngs=rngs) if vd else None
         self.conv_in = conv(
             cfg.in_channels + cfg.extra_in_channels, ch, padding=pad, dtype=dt, rngs=rngs
         )
@@ -281,10 +290,18 @@ class UNet(nnx.Module):
             cond = {}
         if not isinstance(cond, dict):
             raise TypeError(f"cond must be None or a dict, got {type(cond).__name__}")
-        unknown = set(cond) - {"label", "image"}
+        unknown = set(cond) - {"label", "image", "vector"}
         if unknown:
-            raise ValueError(f"cond has unknown keys {sorted(unknown)}; allowed: label, image")
-        label, image = cond.get("label"), cond.get("image")
+            raise ValueError(f"cond has unknown keys {sorted(unknown)}; allowed: label, image, "
+                             "vector")
+        label, image, vector = cond.get("label"), cond.get("image"), cond.get("vector")
+        if (vector is not None) != (cfg.vector_cond_dim > 0):
+            got = "one" if vector is not None else "none"
+            raise ValueError(f"cond['vector'] is required iff vector_cond_dim > 0 (it is "
+                             f"{cfg.vector_cond_dim}); got {got}")
+        if vector is not None and tuple(vector.shape) != (b, cfg.vector_cond_dim):
+            raise ValueError(f"cond['vector'] must have shape ({b}, {cfg.vector_cond_dim}), got "
+                             f"{tuple(vector.shape)}")
         if cfg.num_classes is None and label is not None:
             raise ValueError("cond['label'] given to an unconditional net (num_classes=None)")
         if cfg.num_classes is not None:
@@ -309,7 +326,7 @@ class UNet(nnx.Module):
             expected = (b, h, w, cfg.extra_in_channels)
             if image.shape != expected:
                 raise ValueError(f"cond['image'] must have shape {expected}, got {image.shape}")
-        return label, image
+        return label, image, vector
 
     def __call__(
         self,
@@ -327,7 +344,8 @@ class UNet(nnx.Module):
           noise_level: () or (B,) float, the scalar the net is conditioned on.
           cond: None or a dict with "label": (B,) int (required iff num_classes is set;
             `num_classes` is the null class) and "image": (B, H, W, extra_in_channels)
-            (required iff extra_in_channels > 0).
+            (required iff extra_in_channels > 0) and "vector": (B, vector_cond_dim) (required
+            iff vector_cond_dim > 0).
           key: PRNG key for dropout; required when train=True and dropout > 0.
           train: enables dropout.
 
@@ -337,7 +355,7 @@ class UNet(nnx.Module):
         cfg = self.config
         x = jnp.asarray(x)
         noise_level = jnp.asarray(noise_level)
-        label, image = self._check_inputs(x, noise_level, cond)
+        label, image, vector = self._check_inputs(x, noise_level, cond)
         if train and cfg.dropout > 0 and key is None:
             raise ValueError(f"key is required when train=True and dropout={cfg.dropout} > 0")
         key = key if (train and cfg.dropout > 0) else None
@@ -347,6 +365,8 @@ class UNet(nnx.Module):
         emb = self.emb_1(nnx.silu(self.emb_0(emb)))
         if self.label_emb is not None:
             emb = emb + self.label_emb(label)
+        if vector is not None:
+            emb = emb + self.vec_emb_1(nnx.silu(self.vec_emb_0(vector.astype(jnp.float32))))
         emb = emb.astype(cfg.dtype)
 
         if image is not None:

@@ -158,6 +158,12 @@ def test_vae_reconstruction_maps_ranges_and_blocks_gradients():
     chex.assert_trees_all_close(mean_rec, 2 * jax.nn.sigmoid(2.0 * 1.5 * (x + 1) / 2) - 1)
     sampled = vae_reconstruction(encode, decode, params, x, jax.random.key(0))
     assert float(jnp.max(jnp.abs(sampled - mean_rec))) > 1e-3
+    again, z = vae_reconstruction(encode, decode, params, x, jax.random.key(0),
+                                  return_latent=True)
+    chex.assert_trees_all_close(again, sampled)
+    chex.assert_trees_all_close(again, 2 * decode(params, z) - 1)
+    # z ~ q(z | x): mean 1.5 (x + 1) / 2, sd exp(-1)
+    assert 0.05 < float(jnp.std(z - 1.5 * (x + 1) / 2)) < 0.7
     g = jax.grad(lambda p: jnp.sum(vae_reconstruction(encode, decode, p, x, jax.random.key(0))))(
         params)
     assert all(float(v) == 0.0 for v in jax.tree.leaves(g))

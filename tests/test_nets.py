@@ -324,12 +324,36 @@ def test_bad_inputs_raise():
         (dict(padding="REFLECT"), "padding"),
         (dict(dtype=jnp.int32), "dtype"),
         (dict(extra_in_channels=-1), "extra_in_channels"),
+        (dict(vector_cond_dim=-2), "vector_cond_dim"),
         (dict(attention_impl="flash"), "attention_impl"),
     ],
 )
 def test_bad_config_raises(overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny(**overrides)
+
+
+def test_vector_condition_enters_through_the_time_embedding():
+    # DiffuseVAE's z_cond: a (B, D) vector -> Linear, SiLU, Linear -> added to the embedding
+    cfg = tiny(vector_cond_dim=5, use_scale_shift_norm=True)
+    params, apply = _net(cfg)
+    x, t, _ = _inputs(cfg, 2)
+    v = np.random.default_rng(1).normal(size=(2, 5)).astype(np.float32)
+    out = apply(params, x, t, {"vector": v})
+    chex.assert_shape(out, x.shape)
+    assert _max_abs(out - apply(params, x, t, {"vector": 2 * v})) > 1e-4
+    # the vector acts like a shift of the time embedding: zeroing its second layer removes it
+    params0 = jax.tree_util.tree_map_with_path(
+        lambda p, a: a * 0 if "vec_emb_1" in jax.tree_util.keystr(p) else a, params)
+    chex.assert_trees_all_close(apply(params0, x, t, {"vector": v}),
+                                apply(params0, x, t, {"vector": 2 * v}))
+    net = nnx.merge(*_abstract(cfg))
+    with pytest.raises(ValueError, match="vector"):
+        net(x, t, None)
+    with pytest.raises(ValueError, match=r"cond\['vector'\] must have shape"):
+        net(x, t, {"vector": v[:, :3]})
+    with pytest.raises(ValueError, match="vector_cond_dim"):
+        nnx.merge(*_abstract(tiny()))(x, t, {"vector": v})
 
 
 def test_group_count_is_a_valid_divisor():

@@ -2,6 +2,11 @@
 ``loss(params, batch, key) -> (B,)`` that a train step reduces."""
 
 from dpm.losses import diffusevae
+from dpm.losses.autoencoder import (
+    kl_autoencoder_loss,
+    kl_autoencoder_terms,
+    measure_scale_factor,
+)
 from dpm.losses.denoising import (
     TIME_SAMPLERS,
     WEIGHTINGS,
@@ -22,4 +27,7 @@ __all__ = [
     "gaussian_kl",
     "log_weight",
     "sample_time",
+    "kl_autoencoder_loss",
+    "kl_autoencoder_terms",
+    "measure_scale_factor",
 ]

@@ -218,7 +218,9 @@ def vae_reconstruction(
     vae_params: Any,
     x: jax.Array,
     key: jax.Array | None = None,
-) -> jax.Array:
+    *,
+    return_latent: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The refiner's conditioning ``xhat = 2 Dec(z) - 1`` of images ``x`` in [-1, 1], with
     ``z ~ q(z | x)`` (the official training) or ``z = mean`` when ``key`` is None; no gradient
     flows to the VAE (stage 2 trains with it frozen).
@@ -229,16 +231,18 @@ def vae_reconstruction(
       vae_params: the VAE's parameters.
       x: ``(B, H, W, C)`` images in [-1, 1].
       key: PRNG key of the latent sample, or None for the posterior mean.
+      return_latent: also return the latent ``z`` (for DiffuseVAE's ``z_cond``).
 
     Returns:
-      ``(B, H, W, C)`` reconstructions in [-1, 1].
+      ``(B, H, W, C)`` reconstructions in [-1, 1], or ``(xhat, z)``.
     """
     vae_params = jax.lax.stop_gradient(vae_params)
     mean, logvar = encode(vae_params, (x + 1.0) / 2.0)
     z = mean
     if key is not None:
         z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-    return jax.lax.stop_gradient(2.0 * decode(vae_params, z) - 1.0)
+    xhat = jax.lax.stop_gradient(2.0 * decode(vae_params, z) - 1.0)
+    return (xhat, jax.lax.stop_gradient(z)) if return_latent else xhat
 
 
 def _blur(x: jax.Array, sigma: jax.Array) -> jax.Array:
