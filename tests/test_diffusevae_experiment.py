@@ -27,7 +27,7 @@ def _smoke_config(zoo):
     c.vae.batch_size = 8
     c.refiner.steps = 2
     c.refiner.batch_size = 8
-    c.refiner.variants = ("ddpm", "form2_code")
+    c.refiner.variants = ("form2_code",)  # the baseline's verdict: test_verdict
     c.refiner.train_corruption = "gaussian"
     c.refiner.z_cond = True
     c.vae.prior = "gmm"
@@ -82,7 +82,7 @@ def test_bad_config_is_named_before_any_work(tmp_path, key, value, match):
 def test_studies_of_an_untrained_refiner_are_refused(tmp_path, key):
     c = D.get_config()
     c.zoo_root = str(tmp_path / "zoo")
-    c.refiner.variants = ("ddpm", "form2_code")
+    c.refiner.variants = ("form2_code",)  # the baseline's verdict: test_verdict
     with pytest.raises(ValueError, match="not trained"):
         D.check_config(c)
 
@@ -92,9 +92,9 @@ def test_diffusevae_experiment_smoke(tmp_path, smoke_zoo):
     work = str(tmp_path / "run")
     report = D.train_and_evaluate(c, work, progress=False, log=lambda *_: None)
     q = report["quality"]
-    assert set(q) == {"VAE alone", "ddpm", "form2_code", "VAE alone (normal prior)",
+    assert set(q) == {"VAE alone", "form2_code", "VAE alone (normal prior)",
                       "form2_code (normal prior)"}
-    for v in ("ddpm", "form2_code"):
+    for v in ("form2_code",):
         cell = q[v][2]
         assert len(cell["kid"]["values"]) == 2 and cell["frac_nonfinite"]["mean"] == 0.0
     ctl = report["control"]
@@ -107,7 +107,8 @@ def test_diffusevae_experiment_smoke(tmp_path, smoke_zoo):
     for heading in ("Quality: KID", "Controllability", "Attribute edits", "Robustness",
                     "Verdict", "Judge:", "--config.image_size=8"):
         assert heading in md, heading
-    assert len(report["verdict"]) == 1 and "Headline" in report["verdict"][0]
+    assert report["verdict"] == [
+        "no baseline trained (config.refiner.variants lacks 'ddpm'): no verdict"]
     data = json.loads(_read(os.path.join(work, "report.json")))["data"]
     assert data["quality"]["form2_code"]["2"]["kid"]["mean"] == q["form2_code"][2]["kid"]["mean"]
     for f in ("kid_vs_steps.png", "samples.png", "interpolation.png"):
@@ -126,3 +127,29 @@ def test_diffusevae_experiment_smoke(tmp_path, smoke_zoo):
     c.refiner.learning_rate = 1e-3
     with pytest.raises(ValueError, match="another config"):
         D.train_refiner(c, "form2_code", x, vae, work, progress=False)
+
+
+def _cells(values):
+    return {"kid": {"mean": float(np.mean(values)), "values": list(values)}}
+
+
+@pytest.mark.parametrize(
+    "kids, holds",
+    [
+        # (refiner KIDs per T, over 3 seeds); the baseline is fixed below
+        ({2: (1, 1.1, 0.9), 10: (2, 2.1, 1.9), 100: (2.95, 3.0, 3.05)}, True),
+        ({2: (1, 1.1, 0.9), 10: (2, 2.1, 1.9), 100: (1.0, 1.1, 0.9)}, False),  # gap grows
+        ({2: (1, 1.1, 0.9), 10: (4.2, 3.8, 4.0), 100: (2.95, 3.0, 3.05)}, False),  # T=10 tie
+        ({2: (9, 9.1, 8.9), 10: (2, 2.1, 1.9), 100: (2.95, 3.0, 3.05)}, False),  # T=2 worse
+    ],
+)
+def test_verdict(kids, holds):
+    c = D.get_config()
+    c.refiner.variants = ("ddpm", "form1")
+    c.sample.steps = (2, 10, 100)
+    base = {2: (5, 5.2, 4.8), 10: (4, 4.1, 3.9), 100: (3, 3.1, 2.9)}
+    report = {"quality": {"ddpm": {T: _cells(v) for T, v in base.items()},
+                          "form1": {T: _cells(v) for T, v in kids.items()}}}
+    (line,) = D.verdict(c, report)
+    assert line.startswith("form1 vs ddpm") and line.count("ΔKID") == 3
+    assert line.endswith("holds" if holds else "does not hold")
