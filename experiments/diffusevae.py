@@ -246,7 +246,9 @@ _VAE_KEYS = ("alpha", "steps", "batch_size", "learning_rate", "warmup_steps", "e
 _REFINER_KEYS = ("base_channels", "steps", "batch_size", "learning_rate", "warmup_steps",
                  "ema_decay", "train_corruption", "train_corruption_strength", "z_cond")
 
+# DDPM's schedule (linear betas, 1000 steps) and eps-prediction, for every U-Net here
 DIFFUSION = ml_collections.ConfigDict(dict(prediction="eps", preconditioning=None))
+_SCHEDULE = dpm.DiscreteVP.from_name("linear", num_steps=1000)
 
 
 def train_refiner(config, variant: str, train_x: np.ndarray, vae, workdir: str, *,
@@ -262,10 +264,9 @@ def train_refiner(config, variant: str, train_x: np.ndarray, vae, workdir: str, 
                      extra_in_channels=train_x.shape[-1] if cond else 0,
                      vector_cond_dim=nnx.merge(*vae).cfg.latent_dim if z_cond else 0)
     graphdef, params = build_unet(ucfg, 0)
-    schedule = dpm.DiscreteVP.from_name("linear", num_steps=1000)
 
     def make(p, key=None):
-        return make_denoiser(graphdef, p, schedule, DIFFUSION, train_key=key)
+        return make_denoiser(graphdef, p, _SCHEDULE, DIFFUSION, train_key=key)
 
     if cond:
         encode, decode = _vae_fns(vae[0])
@@ -301,9 +302,6 @@ def train_refiner(config, variant: str, train_x: np.ndarray, vae, workdir: str, 
 # ----------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------
-
-_SCHEDULE = dpm.DiscreteVP.from_name("linear", num_steps=1000)
-
 
 @functools.cache
 def _sampler(graphdef, variant: str, steps: int, fast: bool, z_cond: bool):
