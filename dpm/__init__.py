@@ -17,7 +17,7 @@ from dpm.denoiser import (
 )
 from dpm.losses import denoising_loss, diffuse
 from dpm.oracle import GaussianMixture
-from dpm.schedules import EDM, CosineVP, DiscreteVP, LinearVP, Schedule, make_betas
+from dpm.schedules import EDM, CosineLogSNR, CosineVP, DiscreteVP, LinearVP, Schedule, make_betas
 from dpm.training import Checkpointer, TrainState
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "PREDICTIONS",
     "EDM",
     "Checkpointer",
+    "CosineLogSNR",
     "CosineVP",
     "Denoiser",
     "DiscreteVP",

@@ -2,10 +2,11 @@
 ``Denoiser -> Denoiser`` transformations (guidance, thresholding, clipping).
 
 A model function has the signature ``fn(x, t, cond) -> output`` with continuous time ``t``
-(scalar or one value per example), and predicts ``"eps"``, ``"x0"`` or ``"v"``
-(``v = alpha * eps - sigma * x0``). The Denoiser answers ``eps``, ``x0`` and ``v`` by exact
-conversion, so every sampler works with every parameterization and every schedule: with
-``x = alpha x0 + sigma eps``,
+(scalar or one value per example), and predicts ``"eps"``, ``"x0"``, ``"v"``
+(``v = alpha * eps - sigma * x0``) or ``"both"`` (Salimans & Ho: twice the channels, an x0 and
+an eps guess, mixed by the noise level; see :meth:`Denoiser.predict`). The Denoiser answers
+``eps``, ``x0`` and ``v`` by exact conversion, so every sampler works with every
+parameterization and every schedule: with ``x = alpha x0 + sigma eps``,
 
 * ``x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)``,
 * ``eps = (sigma x + alpha v) / (alpha^2 + sigma^2)``,
@@ -43,7 +44,7 @@ __all__ = [
     "PREDICTIONS",
 ]
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "both")
 
 
 def expand_like(a: Array, x: Array) -> Array:
@@ -76,7 +77,8 @@ class Denoiser:
     Attributes:
       fn: the model function; plain callables are wrapped in ``jax.tree_util.Partial``.
       schedule: the :class:`~dpm.schedules.Schedule` the model was trained with.
-      prediction: ``"eps"``, ``"x0"`` or ``"v"`` (static).
+      prediction: ``"eps"``, ``"x0"``, ``"v"`` or ``"both"`` (static; ``"both"``: the output
+        has twice the channels of ``x``, last axis).
       cond: the condition passed to ``fn`` (any pytree, or None).
 
     Example:
@@ -118,15 +120,31 @@ class Denoiser:
         """Both ``(x0_hat, eps_hat)`` from one model evaluation.
 
         At ``t = 0`` (``sigma = 0``) an x0- or v-model's ``eps_hat`` is undefined and returned
-        as computed; samplers use ``x0_hat`` there.
+        as computed; samplers use ``x0_hat`` there. A ``"both"`` model's output ``(x_til,
+        e_til)`` (channels split in half) gives ``x0_hat = (sigma^2 x_til + alpha (x - sigma
+        e_til)) / (alpha^2 + sigma^2)``: its x0 guess weighted by ``sigma^2``, the x0 implied by
+        its eps guess by ``alpha^2``.
         """
         check_time(t)
         out = self.output(x, t)
+        a, s = self._coeffs(x, t)
+        if self.prediction == "both":
+            want = x.shape[:-1] + (2 * x.shape[-1],)
+            if out.shape != want:
+                raise ValueError(
+                    "a 'both' model's output must have twice the channels of x (x0 and eps "
+                    f"guesses, last axis); got {out.shape}, expected {want}"
+                )
+            x_til, e_til = jnp.split(out, 2, axis=-1)
+            # x0 = (s^2 x_til + a^2 (x - s e_til) / a) / (a^2 + s^2): x0-prediction at low SNR,
+            # eps-prediction at high SNR; eps = (x - a x0) / s written without dividing by s
+            n = (a * a + s * s).astype(x.dtype)
+            x0 = (s * s * x_til + a * (x - s * e_til)) / n
+            return x0, (s * (x - a * x_til) + a * a * e_til) / n
         if out.shape != x.shape:
             raise ValueError(
                 f"the model output must have the shape of x; got {out.shape}, x.shape={x.shape}"
             )
-        a, s = self._coeffs(x, t)
         if self.prediction == "eps":
             return (x - s * out) / a, out
         if self.prediction == "x0":

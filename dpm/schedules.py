@@ -30,6 +30,7 @@ __all__ = [
     "DiscreteVP",
     "LinearVP",
     "CosineVP",
+    "CosineLogSNR",
     "EDM",
     "make_betas",
 ]
@@ -340,6 +341,57 @@ class CosineVP(Schedule):
         return jnp.clip(u / self.t_max, 0.0, 1.0)
 
     def c_noise(self, t: Array) -> Array:
+        return 1000.0 * jnp.asarray(t)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CosineLogSNR(Schedule):
+    """The cosine schedule written in log-SNR, with its ends clipped (Salimans & Ho's
+    progressive-distillation code): ``log_snr(t) = -2 log tan(a t + b)`` with
+    ``b = arctan(exp(-log_snr_max / 2))`` and ``a = arctan(exp(-log_snr_min / 2)) - b``.
+
+    Equivalently ``alpha(t) = cos(a t + b)``, ``sigma(t) = sin(a t + b)``: the cosine schedule
+    ``alpha = cos(pi t / 2)`` squeezed so that ``log_snr`` runs from ``log_snr_max`` at ``t = 0``
+    to ``log_snr_min`` at ``t = 1`` (defaults +-20: ``sigma(0) = 4.5e-5``, ``alpha(1) =
+    4.5e-5``, so ``t = 1`` is pure noise to float32 precision). ``log_snr(0)`` is finite: a
+    sampler ending at ``t = 0`` takes a last ordinary step there.
+    """
+
+    log_snr_min: float = -20.0
+    log_snr_max: float = 20.0
+
+    def __post_init__(self):
+        if _is_number(self.log_snr_min) and _is_number(self.log_snr_max):
+            lo, hi = float(self.log_snr_min), float(self.log_snr_max)
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(
+                    "CosineLogSNR needs finite log_snr_min < log_snr_max; got "
+                    f"log_snr_min={self.log_snr_min}, log_snr_max={self.log_snr_max}"
+                )
+
+    def _abc(self):
+        b = jnp.arctan(jnp.exp(-0.5 * jnp.asarray(self.log_snr_max)))
+        c = jnp.arctan(jnp.exp(0.5 * jnp.asarray(self.log_snr_min)))  # pi / 2 - b - a
+        a = jnp.arctan(jnp.exp(-0.5 * jnp.asarray(self.log_snr_min))) - b
+        return a, b, c
+
+    def log_alpha(self, t: Array) -> Array:
+        # cos(a t + b) = sin(pi / 2 - a t - b) = sin(a (1 - t) + c): accurate near t = 1 too
+        a, _, c = self._abc()
+        return jnp.log(jnp.sin(a * (1.0 - jnp.asarray(t)) + c))
+
+    def log_sigma(self, t: Array) -> Array:
+        a, b, _ = self._abc()
+        return jnp.log(jnp.sin(a * jnp.asarray(t) + b))
+
+    def t_of_log_snr(self, lam: Array) -> Array:
+        a, b, _ = self._abc()
+        t = (jnp.arctan(jnp.exp(-0.5 * jnp.asarray(lam))) - b) / a
+        return jnp.clip(t, 0.0, 1.0)
+
+    def c_noise(self, t: Array) -> Array:
+        """``1000 t``."""
         return 1000.0 * jnp.asarray(t)
 
 

@@ -78,16 +78,19 @@ def make_dataset(name: str, **kwargs: Any) -> dict[str, np.ndarray]:
     return dataset_builder(name)(**kwargs)
 
 
-SCHEDULES = ("linear", "scaled_linear", "cosine", "vp_linear", "vp_cosine", "edm")
+SCHEDULES = ("linear", "scaled_linear", "cosine", "vp_linear", "vp_cosine", "cosine_log_snr",
+             "edm")
 
 
 def get_schedule(name: str, **kwargs: Any) -> dpm.Schedule:
     """A schedule by name: ``"linear" | "scaled_linear" | "cosine"`` (discrete DDPM, N =
-    ``num_steps``), ``"vp_linear"`` / ``"vp_cosine"`` (continuous) or ``"edm"``."""
+    ``num_steps``), ``"vp_linear"`` / ``"vp_cosine"`` (continuous), ``"cosine_log_snr"``
+    (progressive distillation's, log-SNR in [-20, 20]) or ``"edm"``."""
     if name in ("linear", "scaled_linear", "cosine"):
         return dpm.DiscreteVP.from_name(name, **kwargs)
     builders: dict[str, Callable[..., dpm.Schedule]] = {
-        "vp_linear": dpm.LinearVP, "vp_cosine": dpm.CosineVP, "edm": dpm.EDM}
+        "vp_linear": dpm.LinearVP, "vp_cosine": dpm.CosineVP,
+        "cosine_log_snr": dpm.CosineLogSNR, "edm": dpm.EDM}
     if name not in builders:
         raise ValueError(f"schedule name must be one of {list(SCHEDULES)}; got {name!r}")
     return builders[name](**kwargs)

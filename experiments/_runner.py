@@ -22,6 +22,7 @@ import dpm
 import nets
 from dpm.data import BatchIterator, train_test_split
 from dpm.training import (
+    LR_SCHEDULES,
     Checkpointer,
     TrainState,
     init_train_state,
@@ -228,7 +229,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _check(o.clip_norm is None or (_is_number(o.clip_norm) and o.clip_norm > 0),
                "optim.clip_norm", o.clip_norm, "None or a number > 0")
         _check_range(config, "optim.ema_decay", 0.0, 1.0, high_open=True)
-        _check_choice(config, "optim.schedule", ("cosine", "constant"))
+        _check_choice(config, "optim.schedule", LR_SCHEDULES)
 
         t = config.train
         for key in ("steps", "batch_size", "log_every", "ckpt_every", "keep", "sample_steps",

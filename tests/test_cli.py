@@ -146,7 +146,7 @@ BAD_FIELDS = [
     ("diffusion.sigma_data", 0.0),
     ("optim.learning_rate", 0.0), ("optim.learning_rate", float("nan")),
     ("optim.warmup_steps", -1), ("optim.weight_decay", -0.1), ("optim.clip_norm", 0.0),
-    ("optim.ema_decay", 1.0), ("optim.ema_decay", -0.5), ("optim.schedule", "linear"),
+    ("optim.ema_decay", 1.0), ("optim.ema_decay", -0.5), ("optim.schedule", "exponential"),
     ("train.steps", -1), ("train.steps", 0), ("train.steps", 2.5), ("train.batch_size", 0),
     ("train.batch_size", 12), ("train.log_every", 0), ("train.ckpt_every", 0),
     ("train.keep", 0), ("train.sample_every", -1), ("train.sample_steps", 0),

@@ -165,8 +165,15 @@ def test_lr_schedule_closed_form():
     assert float(const(T + 1)) == pytest.approx(eta)
     with pytest.raises(ValueError, match="warmup_steps"):
         make_lr_schedule(eta, total_steps=10, warmup_steps=10)
+    lin = make_lr_schedule(eta, total_steps=T, warmup_steps=W, schedule="linear")
+    assert float(lin(W // 2)) == pytest.approx(eta / 2)
+    assert float(lin(W)) == pytest.approx(eta)
+    assert float(lin(W + (T - W) // 4)) == pytest.approx(eta * 3 / 4)
+    assert float(lin(T)) == pytest.approx(0.0, abs=1e-9)
+    lin0 = make_lr_schedule(eta, total_steps=T, schedule="linear")
+    assert float(lin0(0)) == pytest.approx(eta) and float(lin0(T // 2)) == pytest.approx(eta / 2)
     with pytest.raises(ValueError, match="schedule"):
-        make_lr_schedule(eta, total_steps=10, schedule="linear")
+        make_lr_schedule(eta, total_steps=10, schedule="exponential")
 
 
 def test_ema_update_closed_form():

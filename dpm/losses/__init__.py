@@ -15,13 +15,21 @@ from dpm.losses.denoising import (
     log_weight,
     sample_time,
 )
+from dpm.losses.progressive import (
+    ddim_step,
+    distillation_target,
+    progressive_distillation_loss,
+    student_times,
+)
 from dpm.losses.vae import beta_vae_loss, gaussian_kl
 
 __all__ = [
     "TIME_SAMPLERS",
     "WEIGHTINGS",
     "beta_vae_loss",
+    "ddim_step",
     "denoising_loss",
+    "distillation_target",
     "diffusevae",
     "diffuse",
     "gaussian_kl",
@@ -30,4 +38,6 @@ __all__ = [
     "kl_autoencoder_loss",
     "kl_autoencoder_terms",
     "measure_scale_factor",
+    "progressive_distillation_loss",
+    "student_times",
 ]

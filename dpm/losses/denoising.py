@@ -171,10 +171,13 @@ def denoising_loss(
             t = sample_time(kt, x0.shape[0], sched, time_sampler, t_min=t_min)
         eps = jax.random.normal(ke, x0.shape, x0.dtype)
         x_t = diffuse(sched, x0, t, eps)
-        out = den.output(x_t, t)
+        if den.prediction == "both":  # two guesses mixed: the error is taken on x0
+            out = den.x0(x_t, t)
+        else:
+            out = den.output(x_t, t)
         if den.prediction == "eps":
             target = eps
-        elif den.prediction == "x0":
+        elif den.prediction in ("x0", "both"):
             target = x0
         else:
             target = expand_like(sched.alpha(t), x0) * eps - expand_like(sched.sigma(t), x0) * x0

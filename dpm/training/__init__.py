@@ -14,6 +14,7 @@ from dpm.training.sharding import (
     shard_batch,
 )
 from dpm.training.train import (
+    LR_SCHEDULES,
     TrainState,
     edm_ema_decay,
     ema_update,
@@ -26,6 +27,7 @@ from dpm.training.train import (
 )
 
 __all__ = [
+    "LR_SCHEDULES",
     "Checkpointer",
     "TrainState",
     "batch_sharding",

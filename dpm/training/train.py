@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from dpm.training.sharding import batch_sharding, replicated
 
 __all__ = [
+    "LR_SCHEDULES",
     "TrainState",
     "edm_ema_decay",
     "warmup_ema_decay",
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 PyTree = Any
+LR_SCHEDULES = ("cosine", "linear", "constant")
 LossFn = Callable[..., jax.Array]
 
 
@@ -79,17 +81,20 @@ def make_lr_schedule(
     warmup_steps: int = 0,
     schedule: str = "cosine",
 ) -> optax.Schedule:
-    """Learning rate as a function of the update count: linear warmup, then cosine or constant.
+    """Learning rate as a function of the update count: linear warmup, then cosine, linear or
+    constant.
 
     ``eta(s) = learning_rate * s / W`` for ``s < W``; afterwards
     ``learning_rate * (1 + cos(pi * min(s - W, T - W) / (T - W))) / 2`` (cosine, reaching 0 at
-    ``s = T``) or ``learning_rate`` (constant), with ``W = warmup_steps``, ``T = total_steps``.
+    ``s = T``), ``learning_rate * (1 - min(s - W, T - W) / (T - W))`` (linear, annealed to 0 at
+    ``s = T``, as in progressive distillation's rounds) or ``learning_rate`` (constant), with
+    ``W = warmup_steps``, ``T = total_steps``.
 
     Args:
       learning_rate: peak learning rate (>= 0).
       total_steps: ``T``, the length of the run in updates (>= 1).
       warmup_steps: ``W``, the length of the linear warmup (0 <= W < T).
-      schedule: ``"cosine"`` or ``"constant"`` after the warmup.
+      schedule: ``"cosine"``, ``"linear"`` or ``"constant"`` after the warmup.
 
     Returns:
       An ``optax.Schedule`` ``count -> learning rate`` (built from
@@ -109,14 +114,20 @@ def make_lr_schedule(
             f"warmup_steps must be an int with 0 <= warmup_steps < total_steps={total_steps}, "
             f"got {warmup_steps!r}."
         )
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}.")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got {schedule!r}.")
     eta, W, T = float(learning_rate), warmup_steps, total_steps
     if schedule == "cosine":
         # linear 0 -> eta over W updates, then eta (1 + cos(pi (s - W) / (T - W))) / 2
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=eta, warmup_steps=W, decay_steps=T, end_value=0.0
         )
+    if schedule == "linear":
+        decay = optax.linear_schedule(eta, 0.0, transition_steps=T - W)
+        if W == 0:
+            return decay
+        return optax.join_schedules([optax.linear_schedule(0.0, eta, transition_steps=W), decay],
+                                    [W])
     if W == 0:
         return optax.constant_schedule(eta)
     return optax.join_schedules(
@@ -148,7 +159,8 @@ def make_optimizer(
       learning_rate: peak learning rate.
       total_steps: length of the run in updates (the cosine reaches 0 there).
       warmup_steps: length of the linear warmup from 0.
-      schedule: ``"cosine"`` or ``"constant"`` after the warmup (see :func:`make_lr_schedule`).
+      schedule: ``"cosine"``, ``"linear"`` or ``"constant"`` after the warmup (see
+        :func:`make_lr_schedule`).
       b1, b2, eps: Adam's moment decays and denominator offset.
       weight_decay: decoupled weight decay coefficient (AdamW's ``lambda``).
       decay_mask: which parameters are decayed: a pytree of bools or a function of the params
