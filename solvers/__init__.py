@@ -9,6 +9,7 @@ from solvers.diffusevae import diffusevae_sample
 from solvers.dpm_solver import dpm_solver, dpm_solver_fast_orders, dpm_solver_pp
 from solvers.edm import edm_euler, edm_heun, edm_stochastic
 from solvers.pndm import pndm
+from solvers.progressive import pd_stochastic
 from solvers.time_shift import TimeShift, select_shifted_time, time_shift
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "edm_euler",
     "edm_heun",
     "edm_stochastic",
+    "pd_stochastic",
     "pndm",
     "select_shifted_time",
     "time_shift",
