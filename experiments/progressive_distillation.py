@@ -331,13 +331,13 @@ def verdict(config, q: dict) -> list[str]:
                                   "student worse" if d - 2 * se > 0 else "tie") + ")")
     if SCRATCH in q:
         for N in (4, 1):
-            if N in q[SCRATCH]:
+            if N in q[SCRATCH] and N in q[MAIN]:
                 d, se = _paired(q[MAIN][N], q[SCRATCH][N])
                 out.append(f"{N} step(s): student - equal-compute model ΔKID {1e3 * d:+.2f} ± "
                            f"{1e3 * se:.2f} e-3")
     eps = "ablation: eps_head"
     if eps in q:
-        for N in (2, 1):
+        for N in (n for n in (2, 1) if n in q[eps] and n in q[MAIN]):
             d, se = _paired(q[eps][N], q[MAIN][N])
             out.append(f"eps-head student - x0-head student at {N} step(s): ΔKID "
                        f"{1e3 * d:+.2f} ± {1e3 * se:.2f} e-3 ("
