@@ -25,6 +25,7 @@ from dpm.training import (
     LR_SCHEDULES,
     Checkpointer,
     TrainState,
+    fast_compile_options,
     init_train_state,
     jit_train_step,
     make_mesh,
@@ -268,7 +269,7 @@ def _sample_grid(trained: Trained, config, n: int, steps: int, key) -> np.ndarra
 def _jitted_step(train_step, mesh, fast_compile: bool):
     # one compiled program per step function: a run resumed in the same process (or several
     # runs of one step) compiles once
-    opts = {"xla_backend_optimization_level": 0} if fast_compile else None
+    opts = fast_compile_options() if fast_compile else None
     return jit_train_step(train_step, mesh, compiler_options=opts)
 
 

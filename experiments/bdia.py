@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 
 from dpm.metrics import psnr
+from dpm.training import fast_compile_options
 from experiments import _io
 from experiments._checks import int_values
 from experiments._cli import parse_args
@@ -193,7 +194,7 @@ def float64_denoiser(trained: Trained, labels):
 
 
 def _jit(fast: bool):
-    opts = {"xla_backend_optimization_level": 0} if fast else None
+    opts = fast_compile_options() if fast else None
     return functools.partial(jax.jit, compiler_options=opts)
 
 

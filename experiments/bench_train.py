@@ -30,6 +30,7 @@ from jax.tree_util import Partial
 import dpm
 import nets
 from dpm.training import (
+    fast_compile_options,
     init_train_state,
     jit_train_step,
     make_mesh,
@@ -57,7 +58,7 @@ def unet_from_args(args) -> nets.UNetConfig:
     return PRESETS[args.preset](image_size=args.image_size, channels=args.channels, **kw)
 
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+FAST_COMPILE = fast_compile_options()
 
 
 def forward_flops_per_image(

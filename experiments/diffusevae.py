@@ -48,7 +48,13 @@ from dpm.losses.diffusevae import (
     refiner_loss,
     vae_reconstruction,
 )
-from dpm.training import init_train_state, make_optimizer, make_train_step, warmup_ema_decay
+from dpm.training import (
+    fast_compile_options,
+    init_train_state,
+    make_optimizer,
+    make_train_step,
+    warmup_ema_decay,
+)
 from experiments import _io
 from experiments._checks import as_tuple, int_values
 from experiments._cli import parse_args
@@ -320,7 +326,7 @@ def _sampler(graphdef, variant: str, steps: int, fast: bool, z_cond: bool):
         return diffusevae_sample(ddim, refiner_denoiser(den, variant, clip=(-1.0, 1.0)), noise,
                                  ts, variant)
 
-    opts = {"xla_backend_optimization_level": 0} if fast else None
+    opts = fast_compile_options() if fast else None
     return jax.jit(run, compiler_options=opts) if opts else jax.jit(run)
 
 

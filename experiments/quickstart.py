@@ -49,6 +49,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 import dpm
+from dpm.training import fast_compile_options
 from experiments import _io, _report, _zoo
 from experiments._cli import parse_args
 from experiments._runner import train_denoiser
@@ -146,7 +147,7 @@ def solvers_of(config) -> dict[str, Callable]:
         "DDPM": lambda d, x, ts, key: ddpm(d, x, ts, key=key),
     }
     fast = config.train.get("fast_compile", False)
-    opts = {"xla_backend_optimization_level": 0} if fast else None
+    opts = fast_compile_options() if fast else None
     return {k: jax.jit(f, compiler_options=opts) for k, f in fns.items()}
 
 

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dpm.training import fast_compile_options
 from experiments import _io
 from experiments._checks import as_tuple, int_values
 from experiments._cli import parse_args
@@ -223,7 +224,7 @@ def _program(name: str, window: int | None, fast: bool):
             t_next = jnp.broadcast_to(ts[1:, None], (S, B))
         return x0, var, t_next, traj["nfe"]
 
-    opts = {"xla_backend_optimization_level": 0} if fast else None
+    opts = fast_compile_options() if fast else None
     return jax.jit(run, compiler_options=opts)
 
 
