@@ -342,10 +342,23 @@ def _encoder(graphdef):
     return jax.jit(lambda p, x: encode(p, (x + 1.0) / 2.0)[0])
 
 
+def _bucket(n: int, size: int) -> int:
+    """The padded length of a chunk of ``n``: the next power of two >= 8, at most ``size``."""
+    return min(size, max(8, 1 << (n - 1).bit_length()))
+
+
 def _chunked(fn, *arrays, size=256):
-    n = len(arrays[0])
-    return np.concatenate([np.asarray(fn(*(a[i:i + size] for a in arrays)))
-                           for i in range(0, n, size)])
+    """``fn`` over chunks of at most ``size`` examples, each padded (by repeating its last
+    example) to a power-of-two length: a handful of compiled shapes serve every call."""
+    n, out = len(arrays[0]), []
+    for i in range(0, n, size):
+        parts = [a[i:i + size] for a in arrays]
+        m = len(parts[0])
+        pad = _bucket(m, size) - m
+        if pad:
+            parts = [np.concatenate([p, np.repeat(p[-1:], pad, axis=0)]) for p in parts]
+        out.append(np.asarray(fn(*parts))[:m])
+    return np.concatenate(out)
 
 
 class Prior:
