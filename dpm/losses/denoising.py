@@ -36,6 +36,7 @@ Array = jax.Array
 __all__ = [
     "WEIGHTINGS",
     "TIME_SAMPLERS",
+    "log_output_to_x0_scale",
     "log_weight",
     "sample_time",
     "denoising_loss",
@@ -72,8 +73,9 @@ def log_weight(
     raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
 
 
-def _log_output_to_x0_scale(prediction: str, schedule: Schedule, t: Array) -> Array:
-    """``log c^2`` with ``|x0_hat - x0|^2 = c^2 |out_hat - out|^2``."""
+def log_output_to_x0_scale(prediction: str, schedule: Schedule, t: Array) -> Array:
+    """``log c^2`` with ``|x0_hat - x0|^2 = c^2 |out_hat - out|^2`` for a model predicting
+    ``prediction`` (0 for ``"x0"`` and ``"both"``, whose error is taken on x0)."""
     lam = schedule.log_snr(t)
     if prediction == "eps":
         return -lam  # (sigma / alpha)^2
@@ -186,7 +188,7 @@ def denoising_loss(
         )
         log_w = log_weight(
             weighting, sched, t, min_snr_gamma=min_snr_gamma, sigma_data=sigma_data
-        ) + _log_output_to_x0_scale(den.prediction, sched, t)
+        ) + log_output_to_x0_scale(den.prediction, sched, t)
         return jnp.exp(log_w) * mse
 
     return loss

@@ -34,7 +34,12 @@ import jax
 import jax.numpy as jnp
 
 from dpm.denoiser import Denoiser, expand_like
-from dpm.losses.denoising import WEIGHTINGS, _log_output_to_x0_scale, diffuse, log_weight
+from dpm.losses.denoising import (
+    WEIGHTINGS,
+    diffuse,
+    log_output_to_x0_scale,
+    log_weight,
+)
 from dpm.schedules import Schedule
 
 Array = jax.Array
@@ -178,6 +183,6 @@ def progressive_distillation_loss(
                        axis=1)
         log_w = log_weight(weighting, sched, t, min_snr_gamma=min_snr_gamma,
                            sigma_data=sigma_data)
-        return jnp.exp(log_w + _log_output_to_x0_scale(student.prediction, sched, t)) * mse
+        return jnp.exp(log_w + log_output_to_x0_scale(student.prediction, sched, t)) * mse
 
     return loss
