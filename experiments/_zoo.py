@@ -54,6 +54,7 @@ __all__ = [
     "floor",
     "judge_description",
     "judges",
+    "report_fields",
     "zoo_name",
 ]
 
@@ -182,6 +183,19 @@ def judges(
         train_classifier(x, y, seed=seed, workdir=os.path.join(sub, name), steps=steps, test=test)
         for seed, name in ((0, "primary"), (1, "judge"))
     )
+
+
+def report_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds the evaluation fields every judged paper experiment shares to ``c`` (and returns
+    it): ``zoo_root`` (where the judges are cached), ``judge_steps``, ``seeds`` (0, 1, 2),
+    ``fast_compile`` (:func:`dpm.training.fast_compile_options`, for smoke runs) and
+    ``kid_subsets``."""
+    c.zoo_root = DEFAULT_ROOT
+    c.judge_steps = JUDGE_STEPS
+    c.seeds = (0, 1, 2)
+    c.fast_compile = False
+    c.kid_subsets = 100
+    return c
 
 
 def judge_description(judge: Judge, steps: int = JUDGE_STEPS) -> str:

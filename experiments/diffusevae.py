@@ -68,14 +68,13 @@ from experiments._report import (
 )
 from experiments._runner import fit
 from experiments._zoo import (
-    DEFAULT_ROOT,
-    JUDGE_STEPS,
     digits_config,
     digits_data,
     evaluate,
     floor,
     judge_description,
     judges,
+    report_fields,
 )
 from solvers import ddim, diffusevae_sample
 from solvers.grids import uniform_time
@@ -95,11 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "diffusevae"
     c.image_size = 16
-    c.zoo_root = DEFAULT_ROOT  # where the shared judge classifiers are cached
-    c.judge_steps = JUDGE_STEPS
-    c.seeds = (0, 1, 2)
-    c.fast_compile = False  # XLA backend optimisation level 0 (smoke tests)
-    c.kid_subsets = 100
+    report_fields(c)  # zoo_root, judge_steps, seeds (0, 1, 2), fast_compile, kid_subsets
     # alpha: the paper's 1.0 collapsed the posterior on 16x16 digits (256 pixels, against its
     # 3,072+): every z decoded to the same blob (first run, lr 1e-3, 400 steps at batch 64);
     # 0.1 at lr 3e-3, 800 steps at batch 32 reconstructs held-out digits that the judge reads

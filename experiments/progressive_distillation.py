@@ -59,13 +59,12 @@ from experiments._model import build_unet, make_denoiser
 from experiments._report import command_flags, markdown_table, over_seeds, plot_curves, write_report
 from experiments._runner import fit
 from experiments._zoo import (
-    DEFAULT_ROOT,
-    JUDGE_STEPS,
     digits_config,
     digits_data,
     evaluate,
     judge_description,
     judges,
+    report_fields,
 )
 from solvers import ddim
 from solvers.grids import uniform_time
@@ -88,11 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "progressive_distillation"
     c.image_size = 8
-    c.zoo_root = DEFAULT_ROOT  # where the shared judge classifiers are cached
-    c.judge_steps = JUDGE_STEPS
-    c.seeds = (0, 1, 2)
-    c.fast_compile = False  # XLA backend optimisation level 0 (smoke tests)
-    c.kid_subsets = 100
+    report_fields(c)  # zoo_root, judge_steps, seeds (0, 1, 2), fast_compile, kid_subsets
     c.base_channels = 16  # the tiny U-Net's width (class-conditional, 2 levels)
     c.teacher = ml_collections.ConfigDict(dict(
         prediction="x0", weighting="truncated_snr", steps=2500, batch_size=64,
