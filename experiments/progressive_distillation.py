@@ -518,15 +518,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     rows = functools.partial(row_cells, config, judge, test, log=log, ref=ref)
     q = {TEACHER: rows(lambda s, N: teacher, head, steps, name=TEACHER)}
     q[MAIN] = rows(lambda s, N: (teacher[0], cascades[s][N]), head, student_steps, name=MAIN)
-    if scratch is not None:
-        q[SCRATCH] = rows(lambda s, N: scratch, head, steps, name=SCRATCH)
+    if scratch is not None:  # at the students' step counts, where it is their baseline
+        q[SCRATCH] = rows(lambda s, N: scratch, head, student_steps, name=SCRATCH)
     few = tuple(N for N in student_steps if N <= config.sample.ablation_max_steps)
     for name, (base, a_head, students) in ablations.items():
         q[f"ablation: {name}"] = rows(lambda s, N, b=base, st=students: (b[0], st[N]), a_head,
                                       few, name=name)
-        if a_head != head:  # its own teacher, at the same N and at the reference's
+        if a_head != head:  # its own teacher, at the same N
             q[f"ablation: {a_head}-head teacher DDIM"] = rows(
-                lambda s, N, b=base: b, a_head, (*few, d.start_steps), name=f"{a_head} teacher")
+                lambda s, N, b=base: b, a_head, few, name=f"{a_head} teacher")
     secs["evaluation"] = time.perf_counter() - t1
     report = {"config": config.to_dict(), "quality": q}
     figs = [_plot(os.path.join(workdir, "kid_vs_steps.png"), config, q),
