@@ -1,10 +1,12 @@
 """Metrics: distribution distances on samples or features (FD, KID, k-NN precision / recall),
-label adherence, and image fidelity and spectra (PSNR, SSIM, HFER).
+label adherence, image fidelity and spectra (PSNR, SSIM, HFER), and mel-spectrogram metrics
+(L1, SSIM, sharpness) with the real-time factor.
 
 No feature network lives here: experiments compute features (e.g. with a classifier trained in
 the project) and pass them in.
 """
 
+from dpm.metrics.audio import mel_l1, mel_sharpness, mel_ssim, real_time_factor
 from dpm.metrics.distribution import (
     frechet_distance,
     frechet_distance_from_features,
@@ -23,9 +25,13 @@ __all__ = [
     "hfer",
     "kid",
     "label_accuracy",
+    "mel_l1",
+    "mel_sharpness",
+    "mel_ssim",
     "mmd_rbf",
     "precision_recall",
     "psnr",
+    "real_time_factor",
     "sliced_wasserstein",
     "ssim",
 ]
