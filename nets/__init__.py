@@ -13,6 +13,14 @@ from nets.autoencoder import (
     latent_codec,
 )
 from nets.classifier import Classifier
+from nets.diffnet import DiffNet, DiffNetConfig, diffnet_prodiff, diffnet_small
+from nets.fastspeech2 import (
+    FastSpeech2,
+    FastSpeech2Config,
+    fastspeech2_prodiff,
+    fastspeech2_small,
+    length_regulate,
+)
 from nets.mlp import MLP
 from nets.unet import UNet, UNetConfig, count_params, ddpm_cifar10, small, tiny
 from nets.vae import (
@@ -53,4 +61,13 @@ __all__ = [
     "kl_f4",
     "kl_f8",
     "latent_codec",
+    "DiffNet",
+    "DiffNetConfig",
+    "diffnet_prodiff",
+    "diffnet_small",
+    "FastSpeech2",
+    "FastSpeech2Config",
+    "fastspeech2_prodiff",
+    "fastspeech2_small",
+    "length_regulate",
 ]
