@@ -129,29 +129,49 @@ def _vp_log_sigma(log_alpha: Array) -> Array:
 
 
 def make_betas(
-    name: Literal["linear", "scaled_linear", "cosine"] = "linear",
+    name: Literal["linear", "scaled_linear", "cosine", "vpsde"] = "linear",
     num_steps: int = 1000,
     *,
     beta_start: float | None = None,
     beta_end: float | None = None,
     cosine_s: float = 0.008,
     max_beta: float = 0.999,
+    table_size: int | None = None,
 ) -> np.ndarray:
-    """The beta tables of DDPM (``linear``), Stable Diffusion (``scaled_linear``) and
-    Nichol & Dhariwal (``cosine``), in float64.
+    """The beta tables of DDPM (``linear``), Stable Diffusion (``scaled_linear``), Nichol &
+    Dhariwal (``cosine``) and DiffSinger / ProDiff (``vpsde``), in float64.
 
     Args:
-      name: ``"linear"`` (1e-4 .. 0.02), ``"scaled_linear"`` (sqrt-space linear, 0.00085 .. 0.012)
-        or ``"cosine"`` (``alpha_bar(u) = cos^2((u + s) / (1 + s) * pi / 2)``, betas capped at
-        ``max_beta``).
+      name: ``"linear"`` (1e-4 .. 0.02), ``"scaled_linear"`` (sqrt-space linear, 0.00085 .. 0.012),
+        ``"cosine"`` (``alpha_bar(u) = cos^2((u + s) / (1 + s) * pi / 2)``, betas capped at
+        ``max_beta``) or ``"vpsde"``: the VP-SDE ``beta(u) = beta_min + u (beta_max -
+        beta_min)`` integrated over the cells of a ``T = table_size`` grid,
+        ``beta_i = 1 - exp(-beta_min / T - (beta_max - beta_min) (2 i - 1) / (2 T^2))``,
+        ``i = 1..num_steps`` (``beta_min = beta_start``, default 0.1; ``beta_max = beta_end``,
+        default 40, ProDiff's). ProDiff builds its ``T = 4``-step teacher on a table of
+        ``table_size = 5`` and samples on the first four entries.
       num_steps: number of training steps N.
-      beta_start, beta_end: override the end points of the linear tables.
+      beta_start, beta_end: override the end points of the linear tables (``vpsde``: the
+        SDE's ``beta_min`` and ``beta_max``).
+      table_size: ``vpsde`` only: the grid size ``T >= num_steps`` (default ``num_steps``).
 
     Returns:
       ``betas``, shape ``(num_steps,)``, float64.
     """
     if not isinstance(num_steps, int | np.integer) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    if table_size is not None and name != "vpsde":
+        raise ValueError(f"table_size is a 'vpsde' option; got it with name={name!r}")
+    if name == "vpsde":
+        T = num_steps if table_size is None else table_size
+        if not isinstance(T, int | np.integer) or T < num_steps:
+            raise ValueError(f"table_size must be an int >= num_steps={num_steps}; got {T!r}")
+        b0 = 0.1 if beta_start is None else beta_start
+        b1 = 40.0 if beta_end is None else beta_end
+        if not 0 < b0 < b1:
+            raise ValueError(f"vpsde needs 0 < beta_start < beta_end; got {b0!r}, {b1!r}")
+        i = np.arange(1, num_steps + 1, dtype=np.float64)
+        return -np.expm1(-b0 / T - 0.5 * (b1 - b0) * (2 * i - 1) / T**2)
     if name == "linear":
         b0 = 1e-4 if beta_start is None else beta_start
         b1 = 0.02 if beta_end is None else beta_end
@@ -167,7 +187,8 @@ def make_betas(
         f = np.cos((u + cosine_s) / (1 + cosine_s) * np.pi / 2) ** 2
         return np.minimum(1.0 - f[1:] / f[:-1], max_beta)
     raise ValueError(
-        f"schedule name must be one of 'linear', 'scaled_linear', 'cosine'; got {name!r}"
+        "schedule name must be one of 'linear', 'scaled_linear', 'cosine', 'vpsde'; "
+        f"got {name!r}"
     )
 
 

@@ -15,6 +15,15 @@ from dpm.losses.denoising import (
     log_weight,
     sample_time,
 )
+from dpm.losses.prodiff import (
+    VARIANCE_WEIGHTS,
+    fastspeech2_variance_loss,
+    masked_l1,
+    masked_ssim,
+    mel_loss,
+    prodiff_distillation_loss,
+    prodiff_teacher_loss,
+)
 from dpm.losses.progressive import (
     ddim_step,
     distillation_target,
@@ -25,6 +34,13 @@ from dpm.losses.vae import beta_vae_loss, gaussian_kl
 
 __all__ = [
     "TIME_SAMPLERS",
+    "VARIANCE_WEIGHTS",
+    "fastspeech2_variance_loss",
+    "masked_l1",
+    "masked_ssim",
+    "mel_loss",
+    "prodiff_distillation_loss",
+    "prodiff_teacher_loss",
     "WEIGHTINGS",
     "beta_vae_loss",
     "ddim_step",
