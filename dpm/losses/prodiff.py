@@ -76,6 +76,14 @@ def _gaussian(win: int, sigma: float) -> np.ndarray:
     return g / g.sum()
 
 
+def _blur_matrix(n: int, win_size: int, sigma: float) -> Array:
+    """``(n, n)`` matrix of a centred Gaussian blur with zero padding: ``(T a)_i =
+    sum_j g_j a_{i + j - k}``, entries outside the signal dropped."""
+    g, k = _gaussian(win_size, sigma), win_size // 2
+    t = sum(np.eye(n, k=j - k) * g[j] for j in range(win_size))
+    return jnp.asarray(t, jnp.float32)
+
+
 def masked_ssim(pred: Array, target: Array, mask: Array, *, data_range: float = 2.0,
                 win_size: int = 11, sigma: float = 1.5) -> Array:
     """``(B,)`` SSIM of two mel batches seen as ``F x M`` images, averaged over real frames.
@@ -97,16 +105,14 @@ def masked_ssim(pred: Array, target: Array, mask: Array, *, data_range: float = 
         raise ValueError(f"win_size must be a positive odd int; got {win_size!r}")
     m = mask.astype(jnp.float32)[..., None]
     x, y = pred.astype(jnp.float32) * m, target.astype(jnp.float32) * m
-    g = jnp.asarray(_gaussian(win_size, sigma), jnp.float32)
-
-    def blur(a):  # separable Gaussian over frames (axis 1) and bins (axis 2), zero padding
-        k = win_size // 2
-        a = jnp.pad(a, ((0, 0), (k, k), (k, k)))
-        a = sum(g[j] * a[:, j:j + a.shape[1] - 2 * k, :] for j in range(win_size))
-        return sum(g[j] * a[:, :, j:j + a.shape[2] - 2 * k] for j in range(win_size))
-
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    # separable Gaussian blur over frames and bins with zero padding, as two banded (Toeplitz)
+    # matrices: one matmul each, ~10x faster to differentiate on CPU than shifted slices
+    blur_f = _blur_matrix(pred.shape[1], win_size, sigma)
+    blur_m = _blur_matrix(pred.shape[2], win_size, sigma)
+    stats = jnp.einsum("fg,sbgm,mn->sbfn", blur_f, jnp.stack([x, y, x * x, y * y, x * y]),
+                       blur_m, precision=jax.lax.Precision.HIGHEST)
+    mx, my, exx, eyy, exy = stats
+    vx, vy, cxy = exx - mx * mx, eyy - my * my, exy - mx * my
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return _masked_frame_mean(s, mask)
