@@ -30,7 +30,7 @@ import optax
 
 from dpm.denoiser import Denoiser
 from dpm.losses.denoising import diffuse
-from dpm.losses.progressive import distillation_target, student_times
+from dpm.losses.progressive import distillation_target, student_steps_resolver, student_times
 
 Array = jax.Array
 
@@ -205,17 +205,11 @@ def prodiff_distillation_loss(
       between the student's ``x0`` at ``z_t`` and the target ``x_til`` of two teacher DDIM
       steps; no gradient reaches the teacher. ``batch`` as in :func:`prodiff_teacher_loss`.
     """
-    if student_steps is not None and (isinstance(student_steps, bool) or not isinstance(
-            student_steps, int) or student_steps < 1):
-        raise ValueError(f"student_steps must be an int >= 1 or None; got {student_steps!r}")
+    student_steps_of = student_steps_resolver(student_steps, "prodiff_distillation_loss")
     make_teacher = make_student if make_teacher is None else make_teacher
-    default_steps = student_steps
 
     def loss(params, batch, key, teacher_params, student_steps=None):
-        N = default_steps if student_steps is None else student_steps
-        if N is None:
-            raise ValueError("the number of student steps is unknown: pass student_steps to "
-                             "prodiff_distillation_loss or to the loss")
+        N = student_steps_of(student_steps)
         cond = batch.get("cond")
         student = make_student(params).with_cond(cond)
         teacher = make_teacher(jax.lax.stop_gradient(teacher_params)).with_cond(cond)

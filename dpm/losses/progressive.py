@@ -47,8 +47,9 @@ Array = jax.Array
 __all__ = [
     "ddim_step",
     "distillation_target",
-    "student_times",
     "progressive_distillation_loss",
+    "student_steps_resolver",
+    "student_times",
 ]
 
 
@@ -117,6 +118,26 @@ def _output_target(prediction: str, sched: Schedule, z_t: Array, t: Array, x_til
     return a * eps - s * x_til  # v
 
 
+def student_steps_resolver(default: int | None, loss_name: str) -> Callable[[Any], Any]:
+    """Checks a distillation loss's default ``student_steps`` (an int >= 1 or None) and returns
+    ``resolve(given)``: the number of student steps of one call (``given``, which may be
+    traced, else the default), refusing a missing or non-positive count."""
+    if default is not None and (isinstance(default, bool) or not isinstance(default, int)
+                                or default < 1):
+        raise ValueError(f"student_steps must be an int >= 1 or None; got {default!r}")
+
+    def resolve(given):
+        n = default if given is None else given
+        if n is None:
+            raise ValueError(f"the number of student steps is unknown: pass student_steps to "
+                             f"{loss_name} or to the loss")
+        if isinstance(n, int) and n < 1:
+            raise ValueError(f"student_steps must be >= 1; got {n!r}")
+        return n
+
+    return resolve
+
+
 def progressive_distillation_loss(
     make_student: Callable[[Any], Denoiser],
     *,
@@ -148,20 +169,11 @@ def progressive_distillation_loss(
       gradient flows into the teacher.
     """
     _check_weighting(weighting)
-    if student_steps is not None and (
-        isinstance(student_steps, bool) or not isinstance(student_steps, int) or student_steps < 1
-    ):
-        raise ValueError(f"student_steps must be an int >= 1 or None; got {student_steps!r}")
+    student_steps_of = student_steps_resolver(student_steps, "progressive_distillation_loss")
     make_teacher = make_student if make_teacher is None else make_teacher
-    default_steps = student_steps
 
     def loss(params, batch, key, teacher_params, student_steps=None):
-        N = default_steps if student_steps is None else student_steps
-        if N is None:
-            raise ValueError("the number of student steps is unknown: pass student_steps to "
-                             "progressive_distillation_loss or to the loss")
-        if isinstance(N, int) and N < 1:
-            raise ValueError(f"student_steps must be >= 1; got {N!r}")
+        N = student_steps_of(student_steps)
         x0 = batch["x"]
         cond = batch.get("cond")
         student = make_student(params)
