@@ -90,10 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
     report_fields(c)  # zoo_root, judge_steps, seeds (0, 1, 2), fast_compile, kid_subsets
     c.base_channels = 16  # the tiny U-Net's width (class-conditional, 2 levels)
     c.teacher = ml_collections.ConfigDict(dict(
-        prediction="x0", weighting="truncated_snr", steps=2500, batch_size=64,
+        prediction="x0", weighting="truncated_snr", steps=2000, batch_size=64,
         learning_rate=2e-3, warmup_steps=100, ema_decay=0.999))
     c.distill = ml_collections.ConfigDict(dict(
-        start_steps=256, end_steps=1, steps_per_round=160, batch_size=32, learning_rate=5e-4,
+        start_steps=256, end_steps=1, steps_per_round=128, batch_size=32, learning_rate=5e-4,
         clip_norm=1.0, weighting="truncated_snr"))
     c.scratch = True  # train the equal-compute baseline
     c.ablations = tuple(ABLATIONS)
@@ -278,30 +278,46 @@ def _steps(config) -> tuple[int, ...]:
     return tuple(2**k for k in range(int(np.log2(d.start_steps)) + 1))
 
 
-REF_SEED = 50_000  # noise seed offset of the reference samples of the many-step teacher
+REF_SEED = 50_000  # noise seed offset of the reference samples (a run with a single seed)
 
 
-def reference_features(config, judge, teacher, head: str) -> dict:
-    """``{seed: judge features}`` of the teacher's ``start_steps``-step samples drawn with
-    other noise than every graded row (seed + REF_SEED): the reference of the fidelity
-    metric (its own row at ``start_steps`` then measures the finite-sample floor)."""
+def reference_features(config, judge, teacher, head: str) -> tuple[dict, dict]:
+    """The reference of the fidelity metric: ``({seed: judge features}, {seed: samples})``.
+
+    ``samples`` is ``{seed: (images, labels)}``. The teacher's ``start_steps``-step samples are
+    drawn once per seed (the noise of its graded
+    row, which reuses them); seed ``s``'s reference is the next seed's draw (cyclically), noise
+    independent of every row graded at seed ``s``, so the teacher's own row at ``start_steps``
+    measures the finite-sample floor. With a single seed the reference is drawn with noise
+    ``seed + REF_SEED``."""
     N0 = config.distill.start_steps
-    return {s: judge.features(np.clip(sample(config, teacher, head, N0, s + REF_SEED)[0],
-                                      -1.0, 1.0))
-            for s in as_tuple(config.seeds)}
+    seeds = as_tuple(config.seeds)
+    own = {s: sample(config, teacher, head, N0, s) for s in seeds}
+    feats = {s: judge.features(np.clip(np.nan_to_num(x), -1.0, 1.0))
+             for s, (x, _) in own.items()}
+    if len(seeds) == 1:
+        s = seeds[0]
+        feats = {s: judge.features(np.clip(sample(config, teacher, head, N0, s + REF_SEED)[0],
+                                           -1.0, 1.0))}
+        return feats, own
+    return {s: feats[seeds[(i + 1) % len(seeds)]] for i, s in enumerate(seeds)}, own
 
 
 def row_cells(config, judge, test, nets_for_seed, head: str, steps, *, log=print,
-              name="", ref: dict | None = None) -> dict:
+              name="", ref: dict | None = None, drawn: dict | None = None) -> dict:
     """``{N: over_seeds cell}`` for the network ``nets_for_seed(seed, N)`` at each N; with
     ``ref`` (:func:`reference_features`) also ``fd_to_teacher``, the Fréchet distance of the
-    samples to the many-step teacher's in the judge's features."""
+    samples to the many-step teacher's in the judge's features. ``drawn`` (``{seed: (images,
+    labels)}``) are this network's samples at ``max(steps)``, already drawn."""
     out = {}
     for N in steps:
         t0 = time.perf_counter()
 
         def one(seed, N=N):
-            x, y = sample(config, nets_for_seed(seed, N), head, N, seed)
+            if drawn is not None and N == max(steps):
+                x, y = drawn[seed]
+            else:
+                x, y = sample(config, nets_for_seed(seed, N), head, N, seed)
             m = evaluate(x, y, judge, test, seed=seed, kid_subsets=config.kid_subsets)
             if ref is not None:
                 m["fd_to_teacher"] = frechet_distance_from_features(
@@ -514,9 +530,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     t1 = time.perf_counter()
     steps = _steps(config)
     student_steps = tuple(N for N in steps if d.end_steps <= N < d.start_steps)
-    ref = reference_features(config, judge, teacher, head)
+    ref, drawn = reference_features(config, judge, teacher, head)
     rows = functools.partial(row_cells, config, judge, test, log=log, ref=ref)
-    q = {TEACHER: rows(lambda s, N: teacher, head, steps, name=TEACHER)}
+    q = {TEACHER: rows(lambda s, N: teacher, head, steps, name=TEACHER, drawn=drawn)}
     q[MAIN] = rows(lambda s, N: (teacher[0], cascades[s][N]), head, student_steps, name=MAIN)
     if scratch is not None:  # at the students' step counts, where it is their baseline
         q[SCRATCH] = rows(lambda s, N: scratch, head, student_steps, name=SCRATCH)
