@@ -93,12 +93,12 @@ def get_config() -> ml_collections.ConfigDict:
         prediction="x0", weighting="truncated_snr", steps=2000, batch_size=64,
         learning_rate=2e-3, warmup_steps=100, ema_decay=0.999))
     c.distill = ml_collections.ConfigDict(dict(
-        start_steps=256, end_steps=1, steps_per_round=128, batch_size=32, learning_rate=5e-4,
+        start_steps=256, end_steps=1, steps_per_round=96, batch_size=32, learning_rate=5e-4,
         clip_norm=1.0, weighting="truncated_snr"))
     c.scratch = True  # train the equal-compute baseline
     c.ablations = tuple(ABLATIONS)
     # ablations are graded where they matter, at N <= ablation_max_steps
-    c.sample = ml_collections.ConfigDict(dict(num_samples=256, ablation_max_steps=8))
+    c.sample = ml_collections.ConfigDict(dict(num_samples=224, ablation_max_steps=8))
     return c
 
 

@@ -40,8 +40,8 @@ def test_bad_config_is_refused_naming_the_field(key, value, match):
 def test_default_config_is_valid_and_the_compute_is_matched():
     c = pd.get_config()
     pd.check_config(c)
-    # teacher 2000 steps + 8 rounds x 128 distillation steps x 5/3 x (batch 32 / 64)
-    assert pd.scratch_steps(c) == 2000 + round(8 * 128 * 5 / 3 * 32 / 64)
+    # teacher 2000 steps + 8 rounds x 96 distillation steps x 5/3 x (batch 32 / 64)
+    assert pd.scratch_steps(c) == 2000 + round(8 * 96 * 5 / 3 * 32 / 64)
     assert pd._steps(c) == (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
