@@ -237,14 +237,16 @@ def _usage(description: str, default_config: str) -> str:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turns a :class:`UsageError` or an ``experiments._runner.ConfigError`` (a bad config or
-    data set found during a run) raised inside the block into one line ``error: ...`` on stderr
-    and ``SystemExit(2)``; other exceptions pass through with their traceback."""
+    """Turns a :class:`UsageError`, an ``experiments._runner.ConfigError`` (a bad config or
+    data set found during a run) or a :class:`dpm.training.WorkdirBusyError` (another process
+    writes the workdir) raised inside the block into one line ``error: ...`` on stderr and
+    ``SystemExit(2)``; other exceptions pass through with their traceback."""
+    from dpm.training import WorkdirBusyError
     from experiments._runner import ConfigError
 
     try:
         yield
-    except (UsageError, ConfigError) as e:
+    except (UsageError, ConfigError, WorkdirBusyError) as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -12,31 +12,37 @@ import numpy as np
 
 
 def to_jsonable(value: Any) -> Any:
-    """Numpy / JAX scalars and arrays to plain Python for ``json``."""
+    """Numpy / JAX scalars and arrays to plain Python for strict JSON: non-finite floats become
+    the strings ``"nan"``, ``"inf"``, ``"-inf"`` (bare ``NaN`` is not JSON)."""
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [to_jsonable(v) for v in value]
     if hasattr(value, "tolist"):
-        return value.tolist()
+        return to_jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
 
 
+def dumps(obj: Any, **kwargs) -> str:
+    """Strict JSON text of ``obj`` (see :func:`to_jsonable`)."""
+    return json.dumps(to_jsonable(obj), allow_nan=False, **kwargs)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON, atomically (temporary file, then rename)."""
+    """Writes ``obj`` as indented strict JSON, atomically (temporary file, then rename)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(to_jsonable(obj), f, indent=2)
+        f.write(dumps(obj, indent=2))
     os.replace(tmp, path)
 
 
 class JsonlWriter:
-    """Appends one JSON object per line (metrics of a training run); flushed per write so a
-    killed run keeps what it logged."""
+    """Appends one strict-JSON object per line (metrics of a training run); flushed per write so
+    a killed run keeps what it logged."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -44,7 +50,61 @@ class JsonlWriter:
 
     def write(self, record: Mapping[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(to_jsonable(record)) + "\n")
+            f.write(dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> int:
+        """Drops the records of steps past ``step`` (those a resumed run will log again) and a
+        torn last line of a killed write, atomically; returns the number dropped. After it, the
+        log of a killed-and-resumed run equals the log of an uninterrupted one."""
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            lines = [line for line in f.read().split("\n") if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if int(record.get("step", 0)) <= step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        return len(lines) - len(kept)
+
+
+def cached(workdir: str | os.PathLike | None, key: Mapping[str, Any], fn):
+    """``fn()`` (a JSON-able value), cached as ``workdir/cache/<hash of key>.json``: a re-run
+    with the same ``key`` reads it back, so a killed run resumes cell by cell and an unchanged
+    one costs nothing; ``workdir=None`` computes without caching. ``key`` must name everything
+    the value depends on."""
+    if workdir is None:
+        return fn()
+    import hashlib
+
+    text = dumps(key, sort_keys=True)
+    path = os.path.join(os.fspath(workdir), "cache",
+                        hashlib.sha1(text.encode()).hexdigest()[:16] + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return _nonfinite_back(json.load(f)["value"])
+    value = fn()
+    write_json(path, {"key": json.loads(text), "value": value})
+    return value
+
+
+def _nonfinite_back(value: Any) -> Any:
+    """The inverse of :func:`to_jsonable` on non-finite floats."""
+    if isinstance(value, dict):
+        return {k: _nonfinite_back(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nonfinite_back(v) for v in value]
+    if value in ("nan", "inf", "-inf"):
+        return float(value)
+    return value
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

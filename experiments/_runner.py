@@ -4,6 +4,7 @@ a progress bar, JSON-lines metrics and periodic PNG sample grids."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -25,6 +26,7 @@ from dpm.training import (
     LR_SCHEDULES,
     Checkpointer,
     TrainState,
+    WorkdirLock,
     fast_compile_options,
     init_train_state,
     jit_train_step,
@@ -95,7 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.train = ml_collections.ConfigDict(
         dict(steps=2000, batch_size=128, log_every=50, ckpt_every=500, keep=3,
-             sample_every=0, sample_steps=20, num_sample_images=64, fast_compile=False)
+             sample_every=0, sample_steps=20, num_sample_images=64, fast_compile=False,
+             max_skipped_fraction=0.01)
     )
     return c
 
@@ -239,11 +242,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _check_int(config, "train.sample_every", 0)
         _check(isinstance(t.get("fast_compile", False), bool), "train.fast_compile",
                t.get("fast_compile"), "True or False")
+        msf = t.get("max_skipped_fraction", 0.01)
+        _check(_is_number(msf) and 0 <= msf <= 1, "train.max_skipped_fraction", msf,
+               "a number in [0, 1]")
         n_dev = jax.device_count()
         _check(t.batch_size % n_dev == 0, "train.batch_size", t.batch_size,
                f"a multiple of the {n_dev} devices (the batch is split over them)")
     except (KeyError, AttributeError) as e:
         raise ConfigError(f"config lacks a field of base_config(): {e}") from None
+
+
+def _check_images(x: np.ndarray, config) -> None:
+    """The data a U-Net trains on: square NHWC images (a ConfigError says what was found)."""
+    where = f"config.data (name={config.data.name!r}, kwargs={config.data.kwargs.to_dict()})"
+    if x.ndim != 4:
+        raise ConfigError(
+            f"{where}: the images must have shape (N, H, W, C) (or (N, H, W) for one channel); "
+            f"got {x.ndim} dimensions, shape {x.shape}")
+    _, H, W, C = x.shape
+    if H == W:
+        return
+    if x.shape[1] in (1, 3, 4) and x.shape[2] == x.shape[3]:
+        raise ConfigError(
+            f"{where}: images of shape {x.shape} look channels-first (NCHW); pass "
+            "--config.data.kwargs.channels_first=True")
+    raise ConfigError(f"{where}: the images must be square (N, S, S, C); got shape {x.shape}")
 
 
 def _checkpoint_config(config) -> dict[str, Any]:
@@ -290,12 +313,18 @@ def fit(
     label: str = "train",
     mesh=None,
     on_step=None,
+    max_skipped_fraction: float = 0.01,
+    log=print,
 ) -> tuple[TrainState, int]:
     """Runs (or resumes) ``train_step`` to ``steps`` steps with atomic checkpoints in
     ``workdir/checkpoints`` and metrics in ``workdir/metrics.jsonl``.
 
     The latest checkpoint of ``workdir`` (state, data position) is restored first; one of
-    another ``ckpt_config`` is refused with a clear error. A finished run costs nothing.
+    another ``ckpt_config`` is refused with a clear error. A finished run costs nothing; a
+    workdir already past ``steps`` is returned as it is, with a message. The workdir is locked
+    for the run (:class:`dpm.training.WorkdirLock`: a second process is refused), and metric
+    records past the restored step are dropped, so a resumed run's ``metrics.jsonl`` equals an
+    uninterrupted run's.
 
     Args:
       train_step: ``(state, batch, *extra) -> (state, metrics)`` (not jitted: jitted here,
@@ -314,10 +343,30 @@ def fit(
       label: the progress bar's name.
       mesh: the device mesh (all devices by default).
       on_step: optional ``(done, state) -> None`` called after every step.
+      max_skipped_fraction: the run fails (``RuntimeError`` with the count) once more than this
+        fraction of ``steps`` had its update skipped for a non-finite loss or gradient: a run
+        that learned nothing must not exit as a success.
+      log: where messages go.
 
     Returns:
       ``(state, start)``: the final state and the step the run started (resumed) from.
     """
+    if not 0.0 <= max_skipped_fraction <= 1.0:
+        raise ValueError(f"max_skipped_fraction must be in [0, 1]; got {max_skipped_fraction!r}")
+    os.makedirs(workdir, exist_ok=True)
+    # one writer per workdir (process 0 of a multi-process run writes for all)
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _fit_locked(train_step, state, it, workdir, steps=steps, ckpt_config=ckpt_config,
+                           ckpt_every=ckpt_every, keep=keep, log_every=log_every, extra=extra,
+                           fast_compile=fast_compile, progress=progress, label=label,
+                           mesh=mesh, on_step=on_step,
+                           max_skipped_fraction=max_skipped_fraction, log=log)
+
+
+def _fit_locked(train_step, state, it, workdir, *, steps, ckpt_config, ckpt_every, keep,
+                log_every, extra, fast_compile, progress, label, mesh, on_step,
+                max_skipped_fraction, log):
     from rich.progress import (
         BarColumn,
         Progress,
@@ -326,7 +375,6 @@ def fit(
         TimeRemainingColumn,
     )
 
-    os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh() if mesh is None else mesh
     state = replicate(state, mesh)
     extra = tuple(replicate(e, mesh) for e in extra)
@@ -344,6 +392,20 @@ def fit(
         state, data_state, _ = restored
         it.restore(data_state)
     start = int(state.step)
+    if jax.process_index() == 0:  # records past the restored step will be logged again
+        metrics_log.truncate_after(start)
+    if start > steps:
+        log(f"{label}: {workdir} is already at step {start}, past the requested {steps} "
+            f"steps; nothing trained, the step-{start} state is returned")
+    allowed = math.floor(max_skipped_fraction * steps)
+
+    def check_skipped(skipped: int, done: int) -> None:
+        if skipped > allowed:
+            raise RuntimeError(
+                f"{label}: {skipped} of {done} updates were skipped for a non-finite loss or "
+                f"gradient, more than max_skipped_fraction={max_skipped_fraction} of {steps} "
+                f"steps allows ({allowed}); the run is not trustworthy. Check the data (non-"
+                "finite values?) and the learning rate.")
     columns = [TextColumn(f"[bold]{label}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[rate]:.1f} it/s"), TextColumn("loss {task.fields[loss]}"),
@@ -360,8 +422,11 @@ def fit(
                 now = time.perf_counter()
                 rate = (done - s_log) / max(now - t_log, 1e-9)
                 t_log, s_log = now, done
-                metrics_log.write({"step": done, **m, "steps_per_s": rate})
+                if jax.process_index() == 0:
+                    metrics_log.write({"step": done, **m, "steps_per_s": rate})
                 bar.update(task, completed=done, rate=rate, loss=f"{float(m['loss']):.4f}")
+                if "skipped" in m:
+                    check_skipped(int(m["skipped"]), done)
             ckpt.maybe_save(done, state, data_state=it.state())
             if on_step is not None:
                 on_step(done, state)
@@ -369,6 +434,7 @@ def fit(
             ckpt.save(steps, state, data_state=it.state())
     ckpt.wait_until_finished()
     ckpt.close()
+    check_skipped(int(jax.device_get(state.skipped)), int(state.step))
     return state, start
 
 
@@ -390,6 +456,7 @@ def train_denoiser(
         raise ConfigError(
             f"config.data (name={config.data.name!r}, kwargs={config.data.kwargs.to_dict()}): {e}"
         ) from e
+    _check_images(dataset["x"], config)
     data, test_data = train_test_split(
         dataset, config.data.get("test_fraction", 0.0), seed=config.data.get("split_seed", 0)
     )
@@ -432,8 +499,8 @@ def train_denoiser(
         make_train_step(loss, optimizer, ema_decay=ema), state, it, workdir, steps=t.steps,
         ckpt_config=_checkpoint_config(config), ckpt_every=t.ckpt_every, keep=t.keep,
         log_every=t.log_every, fast_compile=bool(t.get("fast_compile")), progress=progress,
-        on_step=sample_grid)
+        on_step=sample_grid, max_skipped_fraction=float(t.get("max_skipped_fraction", 0.01)))
     trained.state = state
-    trained.steps_run = t.steps - start
+    trained.steps_run = max(t.steps - start, 0)
     trained.seconds = time.perf_counter() - t_start
     return trained

@@ -222,34 +222,58 @@ def sample(denoiser_of, shape, fn, ts, labels, key, scale: float, num_classes: i
 
 
 def grade_rows(config, denoiser_of, schedule, data, test_data, judge, out_dir,
-               *, progress: bool = True) -> dict:
+               *, progress: bool = True, cache_dir: str | None = None,
+               model_key: dict | None = None) -> dict:
     """Samples every row of :func:`rows_of` and grades it with :func:`experiments._zoo.evaluate`;
-    the floor and the noise control first. Returns ``{row name: metrics}``."""
+    the floor and the noise control first. Returns ``{row name: metrics}``.
+
+    With ``cache_dir``, each row's metrics are cached under the key (row, evaluation settings,
+    ``model_key``): a re-run with nothing changed reads them back, a changed row or setting is
+    recomputed alone."""
     e = config.eval
+    say = print if progress else (lambda *a, **k: None)
     n = min(e.num_samples, len(test_data["x"]), len(data["x"]))
     labels = np.arange(n) % (int(data["y"].max()) + 1)  # class-balanced
     shape = test_data["x"].shape[1:]
     ev = functools.partial(_zoo.evaluate, judge=judge, test_data=test_data, seed=e.seed)
-    results = {"real train digits (floor)": {"nfe": 0, **_zoo.floor(data, test_data, judge, n,
-                                                                     labels=labels, seed=e.seed)}}
+    grading = {k: e[k] for k in ("num_samples", "guidance_scale", "classifier_steps", "seed",
+                                 "denoiser", "oracle_std", "zoo_root")}
+
+    def cached(key, fn):
+        return _io.cached(cache_dir, {**key, "grading": grading, "n": n,
+                                      "model": model_key}, fn)
+
+    say(f"grading: the real-data floor and a noise control (n = {n}) ...", flush=True)
+
+    def floor():
+        return {"nfe": 0, **_zoo.floor(data, test_data, judge, n, labels=labels, seed=e.seed)}
+
+    results = {"real train digits (floor)": cached({"row": "floor"}, floor)}
     noise = np.random.default_rng(e.seed).standard_normal((n, *shape))
     results["Gaussian noise (broken sampler)"] = {"nfe": 0, **ev(noise, labels)}
     fns = solvers_of(config)
-    for i, row in enumerate(rows_of(config)):
+    rows = rows_of(config)
+    for i, row in enumerate(rows):
         t0 = time.perf_counter()
-        ts = make_grid(row.grid, row.steps, schedule, row.sigma_max)
-        imgs = sample(denoiser_of, shape, fns[row.solver], ts, labels,
-                      jax.random.key(e.seed + 1), e.guidance_scale)
-        secs = time.perf_counter() - t0
-        results[row.name] = {"nfe": row.nfe(), **ev(imgs, labels), "seconds": secs}
         fname = f"{i:02d}_{row.solver}_{row.grid}_{row.steps}".replace("(", "_").replace(
             ")", "").replace("+", "p")
-        _io.save_image_grid(os.path.join(out_dir, f"{fname}.png"),
-                            np.clip(np.nan_to_num(imgs[:100]), -1, 1), ncol=10)
-        if progress:
-            r = results[row.name]
-            print(f"  {row.name}: NFE {row.nfe()}, KID {r['kid']:.4f}, FD {r['fd']:.3f}, "
-                  f"acc {r['accuracy']:.3f}, {secs:.1f}s", flush=True)
+        ran = []
+
+        def run(row=row, fname=fname, t0=t0, ran=ran):
+            ts = make_grid(row.grid, row.steps, schedule, row.sigma_max)
+            imgs = sample(denoiser_of, shape, fns[row.solver], ts, labels,
+                          jax.random.key(e.seed + 1), e.guidance_scale)
+            secs = time.perf_counter() - t0
+            _io.save_image_grid(os.path.join(out_dir, f"{fname}.png"),
+                                np.clip(np.nan_to_num(imgs[:100]), -1, 1), ncol=10)
+            ran.append(True)
+            return {"nfe": row.nfe(), **ev(imgs, labels), "seconds": secs}
+
+        results[row.name] = cached({"row": dataclasses.asdict(row)}, run)
+        r = results[row.name]
+        say(f"  [{i + 1}/{len(rows)}] {row.name}: NFE {row.nfe()}, KID {r['kid']:.4f}, "
+            f"FD {r['fd']:.3f}, acc {r['accuracy']:.3f}, "
+            + (f"{r['seconds']:.1f}s" if ran else "cached"), flush=True)
     return results
 
 
@@ -280,6 +304,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         raise ValueError("config.data.test_fraction must be > 0: samples are graded against the "
                          f"held-out split; got {config.data.test_fraction!r}")
     data, test_data = trained.data, trained.test_data
+    if progress:
+        print(f"judges: training (or restoring) two digit classifiers ({e.classifier_steps} "
+              "steps each) ...", flush=True)
     primary, judge = _zoo.judges(data, e.zoo_root or workdir, test_data,
                                  steps=e.classifier_steps)
     if e.denoiser == "unet":
@@ -292,8 +319,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         model = (f"exact denoiser of the train split (mixture of N(image, {e.oracle_std}^2 I)), "
                  "no network")
     t0 = time.perf_counter()
+    model_key = {"config": {k: v for k, v in config.to_dict().items() if k != "eval"},
+                 "step": int(trained.state.step), "denoiser": e.denoiser}
     results = grade_rows(config, denoiser_of, trained.schedule, data, test_data, judge,
-                         os.path.join(workdir, "samples"), progress=progress)
+                         os.path.join(workdir, "samples"), progress=progress,
+                         cache_dir=workdir, model_key=model_key)
     report = {
         "config": config.to_dict(),
         "model": model,

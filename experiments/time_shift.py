@@ -346,24 +346,6 @@ def shift_summary(counts: Sequence[dict]) -> dict:
             "mean_shift": tot["sum_shift"] / m, "frac_upper_edge": tot["upper_edge"] / m}
 
 
-def _cached(workdir: str | None, key: dict, fn):
-    """``fn()`` (a JSON-able dict), cached as ``workdir/cache/<hash of key>.json``, so a killed
-    run resumes cell by cell; ``workdir=None`` computes without caching."""
-    if workdir is None:
-        return fn()
-    import hashlib
-    import json
-
-    text = json.dumps(key, sort_keys=True)
-    path = os.path.join(workdir, "cache", hashlib.sha1(text.encode()).hexdigest()[:16] + ".json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)["value"]
-    value = fn()
-    _io.write_json(path, {"key": key, "value": value})
-    return value
-
-
 # ----------------------------------------------------------------------------------------------
 # Models, tuning, report
 # ----------------------------------------------------------------------------------------------
@@ -392,7 +374,7 @@ def _cell(config, workdir, trained: Trained, grader, grade_on: dict, *, zoo: str
                 "ts": s["ts"].tolist(), "nfe": s["nfe"],
                 "shift": shift_counts(s["shift"], window)}
 
-    return _cached(workdir, key, compute)
+    return _io.cached(workdir, key, compute)
 
 
 def tune(config, trained: Trained, primary, *, zoo: str = "", workdir: str | None = None,

@@ -307,3 +307,89 @@ def test_arguments_are_validated(tmp_path):
     with Checkpointer(tmp_path) as ckpt:
         with pytest.raises(TypeError, match="data_state must be JSON-serialisable"):
             ckpt.save(1, state, data_state={"rng": np.random.default_rng(0)})
+
+
+CRASH_AFTER_SAVE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    import jax
+    from dpm.training import Checkpointer
+
+    ckpt = Checkpointer({directory!r}, keep=3)
+    for step in (1, 2):
+        w = jax.numpy.arange(4096.0) + step
+        ckpt.save(step, {{"w": w, "step": jax.numpy.int32(step)}}, data_state={{"position": step}})
+    ckpt._manager.wait_until_finished()  # step 2 committed by orbax ...
+    os._exit(9)  # ... and the process killed at once: no close(), no further save
+    """
+)
+
+
+def test_newest_checkpoint_of_a_killed_run_is_verified(tmp_path):
+    """The manifest is part of the atomic save: after a crash right after a save, a flipped byte
+    in that (newest) checkpoint is found, named, and the previous checkpoint restored."""
+    script = CRASH_AFTER_SAVE_SCRIPT.format(repo=str(REPO), directory=str(tmp_path))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr.decode()[-2000:]
+    for step in (1, 2):
+        assert (tmp_path / str(step) / "dpm_manifest.json").is_file()
+    data_file = max((p for p in (tmp_path / "2" / "state").rglob("*") if p.is_file()),
+                    key=lambda p: p.stat().st_size)  # the array bytes
+    flipped = bytearray(data_file.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x01
+    data_file.write_bytes(bytes(flipped))
+    abstract = {"w": jax.ShapeDtypeStruct((4096,), jnp.float32),
+                "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        with pytest.warns(UserWarning) as record:
+            restored, data_state, step = ckpt.restore_latest(abstract)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and "step 2: files unreadable" in messages[0], messages
+    assert str(data_file.relative_to(tmp_path / "2")) in messages[0]
+    assert "CRC32" in messages[0]
+    assert step == 1 and data_state == {"position": 1}
+    np.testing.assert_array_equal(restored["w"], np.arange(4096.0) + 1)
+
+
+def test_synchronous_saves_are_sealed_too(tmp_path):
+    state, _ = fresh_state()
+    with Checkpointer(tmp_path, keep=2, async_save=False) as ckpt:
+        ckpt.save(1, state)
+        # no wait: a synchronous save returns committed, its manifest inside
+        manifest = tmp_path / "1" / "dpm_manifest.json"
+        assert manifest.is_file()
+        import json
+
+        files = json.loads(manifest.read_text())["files"]
+        assert any(k.startswith("state") for k in files)
+        assert any(k.startswith("meta") for k in files)
+
+
+def test_partial_step_directories_are_moved_aside_once(tmp_path):
+    saved = save_steps(tmp_path, {1})
+    (tmp_path / "5").mkdir()  # empty: a crash between mkdir and the first write
+    junk = tmp_path / "7"
+    junk.mkdir()
+    (junk / "half_written").write_bytes(b"\0" * 10)  # no orbax metadata, no manifest
+    state, _ = fresh_state()
+    with pytest.warns(UserWarning) as record:
+        ckpt = Checkpointer(tmp_path, config=CONFIG)
+    messages = [str(w.message) for w in record if "incomplete step directories" in str(w.message)]
+    assert len(messages) == 1, [str(w.message) for w in record]
+    assert "5 (empty, removed)" in messages[0] and "7 (moved to" in messages[0]
+    with ckpt:
+        assert ckpt.all_steps() == [1]
+        restored, _, step = ckpt.restore_latest(jax.eval_shape(lambda: state))
+    assert step == 1
+    for x, y in zip(leaves_as_numpy(restored), saved[1], strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not (tmp_path / "5").exists() and not (tmp_path / "7").exists()
+    kept = list((tmp_path / "quarantine").iterdir())
+    assert len(kept) == 1 and (kept[0] / "half_written").is_file()
+    import warnings
+
+    with warnings.catch_warnings():  # a second start has nothing to say
+        warnings.simplefilter("error")
+        Checkpointer(tmp_path, config=CONFIG).close()

@@ -2,6 +2,7 @@
 and the README's bring-your-own-data commands run for two steps."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -270,3 +271,43 @@ def test_readme_commands_parse_and_validate(tmp_path, monkeypatch):
         if config.data.name != "digits":
             assert os.path.exists(config.data.kwargs.path)
     assert sources == {"digits", "folder", "npz"}
+
+
+def test_npz_data_of_the_wrong_shape_is_one_clear_line(tmp_path, capsys):
+    cases = {
+        "flat": (np.zeros((16, 64), np.uint8), "shape (N, H, W, C)"),
+        "five": (np.zeros((16, 8, 8, 1, 1), np.uint8), "has 5 dimensions"),
+        "nchw": (np.zeros((16, 3, 8, 8), np.uint8), "looks channels-first (NCHW)"),
+    }
+    for name, (x, expected) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, x=x)
+        with pytest.raises(SystemExit) as e:
+            train_cmd.main(["--workdir", str(tmp_path / name), "--config.model.num_classes=None",
+                            "--config.data.name=npz", f"--config.data.kwargs.path={path}",
+                            *TINY])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and str(path) in err[0], (name, err)
+        if name == "nchw":
+            assert "channels_first=True" in err[0]
+    # without the resize the training driver checks the images itself
+    from experiments._runner import ConfigError, _check_images
+    from experiments.train import get_config
+
+    config = get_config()
+    for x, expected in ((np.zeros((4, 3, 8, 8)), "look channels-first (NCHW); pass "
+                         "--config.data.kwargs.channels_first=True"),
+                        (np.zeros((4, 8)), "got 2 dimensions"),
+                        (np.zeros((4, 8, 6, 1)), "must be square")):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            _check_images(x, config)
+
+
+def test_a_file_that_is_not_an_npz_archive_is_named_as_such(tmp_path):
+    from dpm.data import load_npz
+
+    path = tmp_path / "notes.npz"
+    path.write_text("these are not arrays\n")
+    with pytest.raises(ValueError, match=r"is not an \.npz archive .* first bytes are b'these '"):
+        load_npz(path)

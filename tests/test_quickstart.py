@@ -32,9 +32,11 @@ def _steps_logged(workdir):
         return [json.loads(line)["step"] for line in f]
 
 
-def test_quickstart_smoke_oracle_and_resume(tmp_path):
+def test_quickstart_smoke_oracle_and_resume(tmp_path, capsys):
     workdir = str(tmp_path / "qs")
     report = quickstart.main(["--workdir", workdir, *("--config." + s for s in SMOKE)])
+    first = capsys.readouterr().out
+    assert "judges:" in first and "grading:" in first and "[1/" in first
     res = report["samplers"]
     floor, noise = res["real train digits (floor)"], res["Gaussian noise (broken sampler)"]
     rows = {k: v for k, v in res.items() if v["nfe"] > 0}
@@ -70,6 +72,20 @@ def test_quickstart_smoke_oracle_and_resume(tmp_path):
     pngs = [p for p in os.listdir(os.path.join(workdir, "samples")) if p.endswith(".png")]
     assert len(pngs) == len(rows)
     assert _steps_logged(workdir) == [2, 4]
+
+    # a re-run with nothing changed reads every sampler's row back; a changed setting
+    # recomputes only the rows it touches (here TS-DDIM's cutoff)
+    n_rows = len(rows)
+    again = quickstart.main(["--workdir", workdir, *("--config." + s for s in SMOKE)])
+    out = capsys.readouterr().out
+    assert out.count("cached") == n_rows, out
+    assert again["samplers"].keys() == res.keys()
+    for k, v in res.items():
+        assert again["samplers"][k] == v, k
+    quickstart.main(["--workdir", workdir, *("--config." + s for s in SMOKE),
+                     "--config.eval.ts_cutoff=0.5"])
+    out = capsys.readouterr().out
+    assert out.count("cached") == n_rows - 1 and "t_c=0.5" in out, out
 
     # re-running with more steps resumes from step 4 (parameters, data position) instead of
     # starting over; a finished run trains nothing

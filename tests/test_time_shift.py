@@ -79,6 +79,12 @@ def test_select_cutoff_is_strict(c):
 def test_time_shift_options_validation():
     with pytest.raises(ValueError, match="window"):
         TimeShift(window=-2)
+    for bad in (-0.5, 1.5, float("nan"), np.float32(2.0), jnp.asarray(-1.0)):
+        with pytest.raises(ValueError, match=r"cutoff must be a time in \[0, 1\]; got"):
+            time_shift(ddim, window=4, cutoff=bad)
+    TimeShift(window=4, cutoff=1.0)  # the ends are times
+    # a traced cutoff passes through (one compiled program for every cutoff)
+    jax.jit(lambda c: TimeShift(window=4, cutoff=c).cutoff)(0.25)
     wrapped = time_shift(ddim, window=4, cutoff=0.5)
     den = GaussianMixture.gaussian(jnp.zeros(2), 1.0).denoiser(LINEAR)
     with pytest.raises(ValueError, match="already set"):

@@ -186,6 +186,13 @@ def load_npz(
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"path={path!r} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:2] != b"PK" and magic != b"\x93NUMPY":  # neither a zip archive nor a .npy array
+        raise ValueError(
+            f"path={path!r} is not an .npz archive (a zip of .npy arrays, as written by "
+            f"numpy.savez): its first bytes are {magic!r}; save the arrays with "
+            "numpy.savez(path, x=images, y=labels)")
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -238,13 +245,20 @@ def load_npz(
             "values were stored in, e.g. load_npz(path, value_range=(0, 255)) for 8-bit values"
         )
     x = np.clip(to_unit_range(x, lo, hi), -1.0, 1.0)
+    if x.ndim == 4 and not channels_first and x.shape[1] in (1, 3, 4) and (
+            x.shape[-1] not in (1, 3, 4)):
+        raise ValueError(
+            f"array {xk!r} in {path!r} of shape {x.shape} looks channels-first (NCHW): images "
+            "are read as (N, H, W, C); pass channels_first=True")
     if x.ndim == 4 and channels_first:
         x = np.transpose(x, (0, 2, 3, 1))
     elif x.ndim == 3:
         x = x[..., None]
     if image_size is not None:
         if x.ndim != 4:
-            raise ValueError(f"image_size needs image data (N, H, W, C), got shape {x.shape}")
+            raise ValueError(
+                f"image_size needs images of shape (N, H, W, C) (or (N, H, W) for one channel); "
+                f"array {xk!r} in {path!r} has {x.ndim} dimensions, shape {x.shape}")
         x = fit_size(x, image_size, "bilinear", fill=-1.0)
     out = {"x": np.ascontiguousarray(x)}
     if y is not None:

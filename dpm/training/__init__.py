@@ -1,5 +1,6 @@
 """Training machinery: the train state, optimizer and EMA (optax), the jitted data-parallel
-train step, device meshes and sharding, and atomic, verified, resumable checkpoints."""
+train step, device meshes and sharding, atomic, verified, resumable checkpoints, and the
+workdir lock (one writer per run)."""
 
 from dpm.training.checkpoint import Checkpointer
 from dpm.training.sharding import (
@@ -26,11 +27,14 @@ from dpm.training.train import (
     make_train_step,
     warmup_ema_decay,
 )
+from dpm.training.workdir import WorkdirBusyError, WorkdirLock
 
 __all__ = [
     "LR_SCHEDULES",
     "Checkpointer",
     "TrainState",
+    "WorkdirBusyError",
+    "WorkdirLock",
     "batch_sharding",
     "edm_ema_decay",
     "ema_update",

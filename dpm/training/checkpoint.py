@@ -6,8 +6,12 @@ intact) and ``meta`` (JSON: the run's config, the data iterator's position and t
 path, shape, dtype -- of every array). Restoring compares the stored config and layout with the
 current ones first, so a checkpoint of another model is refused with a message saying what
 differs, and falls back to an older checkpoint, with a warning, when the newest cannot be read.
-Once a save is on disk the wrapper adds ``dpm_manifest.json`` (size and CRC32 of every file of the
-step), so a truncated, deleted or altered file is found before orbax reads it.
+Every save also holds ``dpm_manifest.json`` (size and CRC32 of every file of the step), written
+into the temporary directory after the arrays and before orbax's final rename: a step directory
+that exists is complete *and* verifiable, so a truncated, deleted or altered file is found before
+orbax reads it, the newest checkpoint of a killed run included. A step directory that a crash
+left behind without any content (no orbax metadata, no manifest) is moved aside once, to
+``<directory>/quarantine/``, with one warning.
 
 Typical use::
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 import zlib
 from collections.abc import Mapping
@@ -41,6 +46,9 @@ PyTree = Any
 
 _MAX_LISTED = 8  # differences listed in a refusal message
 _MANIFEST = "dpm_manifest.json"
+_ORBAX_METADATA = "_CHECKPOINT_METADATA"  # written by orbax into every step it saves
+_TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's temporary step directories: "<step>.orbax-...-<id>"
+_QUARANTINE = "quarantine"
 _CHUNK = 1 << 24
 
 
@@ -52,14 +60,20 @@ def _crc32(path: str) -> int:
     return crc
 
 
+# written or rewritten by orbax when it commits the step, after the manifest: step-level
+# bookkeeping (times, commit marker), not the saved data
+_COMMIT_FILES = (_ORBAX_METADATA, "commit_success.txt")
+
+
 def _file_table(step_dir: str) -> dict[str, list[int]]:
-    """``{relative path: [size, crc32]}`` of every file under ``step_dir`` but the manifest."""
+    """``{relative path: [size, crc32]}`` of every file of the saved items under ``step_dir``
+    (all but the manifest and orbax's step-level commit files)."""
     table = {}
     for root, _, files in os.walk(step_dir):
         for name in files:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, step_dir)
-            if not rel.startswith(_MANIFEST):
+            if not rel.startswith(_MANIFEST) and rel not in _COMMIT_FILES:
                 table[rel] = [os.path.getsize(path), _crc32(path)]
     return table
 
@@ -136,9 +150,10 @@ class Checkpointer:
       async_save: write the arrays in a background thread after copying them to host memory;
         :meth:`wait_until_finished` blocks until written.
 
-    A save's integrity manifest (sizes and CRC32s, one read of the files) is written once the save
-    is on disk: at the next :meth:`save`, :meth:`wait_until_finished`, :meth:`restore_latest` or
-    :meth:`close`. Keep ``keep >= 2`` so that an unreadable newest checkpoint has a fallback.
+    A save's integrity manifest (sizes and CRC32s, one read of the files) is written in the
+    background thread that finishes the save, inside the temporary directory, before orbax
+    renames it into place. Keep ``keep >= 2`` so that an unreadable newest checkpoint has a
+    fallback.
     """
 
     def __init__(
@@ -162,18 +177,56 @@ class Checkpointer:
         self._save_every = save_every
         self._directory = os.path.abspath(os.fspath(directory))
         self._corrupt_steps: set[int] = set()
-        self._unsealed_steps: set[int] = set()  # saved by this object, manifest not yet written
+        self._saving_step: int | None = None  # the step whose save is under way
+        self._seal_error: BaseException | None = None
+        self._async = bool(async_save)
         self._closed = False
+        self._quarantine_partial_steps()
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1,  # the decision is taken in maybe_save
             preservation_policy=LatestN(n=keep),
             create=True,
             cleanup_tmp_directories=True,  # leftovers of a crashed save
-            enable_async_checkpointing=async_save,
+            # always orbax's async checkpointer: its finalisation hook writes the manifest into
+            # the temporary directory before the final rename (a synchronous save waits for it)
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_pending_save),
         )
         self._manager = ocp.CheckpointManager(
             self._directory, item_names=("state", "meta"), options=options
         )
+
+    def _quarantine_partial_steps(self) -> None:
+        """Move step directories with neither orbax metadata nor a manifest (left by a crash
+        or an interrupted copy; orbax would list them as steps and fail on each start) to
+        ``quarantine/``, or delete them when empty; one warning names them."""
+        if jax.process_index() != 0 or not os.path.isdir(self._directory):
+            return
+        moved = []
+        for name in sorted(os.listdir(self._directory)):
+            path = os.path.join(self._directory, name)
+            if not (name.isdigit() and os.path.isdir(path)):
+                continue
+            if os.path.exists(os.path.join(path, _ORBAX_METADATA)) or os.path.exists(
+                os.path.join(path, _MANIFEST)
+            ):
+                continue
+            if not os.listdir(path):
+                os.rmdir(path)
+                moved.append(f"{name} (empty, removed)")
+                continue
+            target = os.path.join(self._directory, _QUARANTINE, f"{name}.{time.time_ns()}")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(path, target)
+            moved.append(f"{name} (moved to {target})")
+        if moved:
+            warnings.warn(
+                f"checkpoint directory {self._directory} held incomplete step directories "
+                f"(no checkpoint metadata, no manifest): {', '.join(moved)}. They are not "
+                "checkpoints; the run resumes from the complete ones.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @property
     def directory(self) -> str:
@@ -216,9 +269,11 @@ class Checkpointer:
             self._corrupt_steps.discard(step)
         elif step in self._manager.all_steps():
             return False
-        self._seal_finished_saves()
+        self._manager.wait_until_finished()  # one save at a time: the hook knows its step
+        self._raise_seal_error()
         meta = {"config": self._config, "data_state": data_state, "layout": _layout(state)}
         state = _replicas_to_host(state)
+        self._saving_step = step
         started = bool(
             self._manager.save(
                 step,
@@ -228,35 +283,52 @@ class Checkpointer:
                 force=True,
             )
         )
-        if started:
-            self._unsealed_steps.add(step)
+        if not self._async:
+            self.wait_until_finished()
         return started
 
     def _step_dir(self, step: int) -> str:
         return os.path.join(self._directory, str(step))
 
-    def _seal_finished_saves(self) -> None:
-        """Write the manifest of every save of this object that is complete on disk."""
-        if not self._unsealed_steps:
-            return
-        self._manager.wait_until_finished()
-        on_disk = set(self._manager.all_steps())
-        for step in sorted(self._unsealed_steps):
-            step_dir = self._step_dir(step)
-            if step in on_disk and os.path.isdir(step_dir) and jax.process_index() == 0:
-                table = _file_table(step_dir)
-                tmp = os.path.join(step_dir, _MANIFEST + ".tmp")
-                with open(tmp, "w") as f:
-                    json.dump({"files": table}, f)
-                os.replace(tmp, os.path.join(step_dir, _MANIFEST))
-        self._unsealed_steps.clear()
+    def _seal_pending_save(self) -> None:
+        """orbax's post-finalisation hook (background thread, before the final rename): write
+        the manifest of the step being saved into its temporary directory. An error is kept
+        and raised in the caller's thread at the next save, wait or close."""
+        step = self._saving_step
+        try:
+            if step is None or jax.process_index() != 0:
+                return
+            prefix = f"{step}{_TMP_MARK}"
+            tmp_dirs = [
+                os.path.join(self._directory, n)
+                for n in os.listdir(self._directory)
+                if n.startswith(prefix) and os.path.isdir(os.path.join(self._directory, n))
+            ]
+            if not tmp_dirs:  # no temporary directory (a file system committing in place)
+                tmp_dirs = [self._step_dir(step)]
+            step_dir = max(tmp_dirs, key=os.path.getmtime)  # the newest: this save's
+            table = _file_table(step_dir)
+            tmp = os.path.join(step_dir, _MANIFEST + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"files": table}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(step_dir, _MANIFEST))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            self._seal_error = e
+
+    def _raise_seal_error(self) -> None:
+        if self._seal_error is not None:
+            e, self._seal_error = self._seal_error, None
+            raise OSError(f"writing the integrity manifest of a checkpoint in "
+                          f"{self._directory} failed: {e}") from e
 
     def _verify(self, step: int) -> None:
         """Raise ``OSError`` when a file of the step differs from its manifest (if it has one)."""
         step_dir = self._step_dir(step)
         manifest = os.path.join(step_dir, _MANIFEST)
         if not os.path.exists(manifest):
-            return  # e.g. killed between the save and its manifest: let orbax try
+            return  # a checkpoint of an older version without manifests: let orbax try
         with open(manifest) as f:
             expected = json.load(f)["files"]
         problems = []
@@ -323,8 +395,7 @@ class Checkpointer:
           UserWarning: for every unreadable (e.g. truncated) checkpoint skipped in favour of an
             older one. Such a step is overwritten when the run saves it again.
         """
-        self._seal_finished_saves()
-        self._manager.wait_until_finished()
+        self.wait_until_finished()
         steps = sorted(self._manager.all_steps(), reverse=True)
         if not steps:
             return None
@@ -375,7 +446,7 @@ class Checkpointer:
     def wait_until_finished(self) -> None:
         """Block until every started save is on disk (with its manifest)."""
         self._manager.wait_until_finished()
-        self._seal_finished_saves()
+        self._raise_seal_error()
 
     def close(self) -> None:
         """Finish pending saves and release the manager's resources; idempotent."""
