@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpm.schedules import DiscreteVP, Schedule
 
@@ -50,6 +51,12 @@ class TimeShift:
     def __post_init__(self):
         if not isinstance(self.window, int) or self.window < 0:
             raise ValueError(f"window must be a non-negative int; got {self.window!r}")
+        c = self.cutoff  # checked when concrete (a traced cutoff is the caller's to check)
+        concrete = isinstance(c, int | float | np.ndarray | np.generic) or (
+            isinstance(c, jax.Array) and not isinstance(c, jax.core.Tracer))
+        if concrete and not isinstance(c, bool) and np.ndim(c) == 0 and not (
+                np.isfinite(float(c)) and 0.0 <= float(c) <= 1.0):
+            raise ValueError(f"cutoff must be a time in [0, 1]; got {c!r}")
 
 
 def _index_grid(schedule: Schedule) -> int:
