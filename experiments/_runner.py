@@ -397,13 +397,14 @@ def _fit_locked(train_step, state, it, workdir, *, steps, ckpt_config, ckpt_ever
     if start > steps:
         log(f"{label}: {workdir} is already at step {start}, past the requested {steps} "
             f"steps; nothing trained, the step-{start} state is returned")
-    allowed = math.floor(max_skipped_fraction * steps)
+    total = max(steps, start)  # a workdir already past `steps` is judged on its own length
+    allowed = math.floor(max_skipped_fraction * total)
 
     def check_skipped(skipped: int, done: int) -> None:
         if skipped > allowed:
             raise RuntimeError(
                 f"{label}: {skipped} of {done} updates were skipped for a non-finite loss or "
-                f"gradient, more than max_skipped_fraction={max_skipped_fraction} of {steps} "
+                f"gradient, more than max_skipped_fraction={max_skipped_fraction} of {total} "
                 f"steps allows ({allowed}); the run is not trustworthy. Check the data (non-"
                 "finite values?) and the learning rate.")
     columns = [TextColumn(f"[bold]{label}"), BarColumn(),
