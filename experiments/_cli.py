@@ -284,3 +284,35 @@ def parse_args(
     except UsageError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run_experiment(
+    argv: Sequence[str] | None,
+    default_config: str,
+    description: str,
+    train_and_evaluate: Callable[[ml_collections.ConfigDict, str], dict],
+    *,
+    validate: Callable[[ml_collections.ConfigDict], None] | None = None,
+    summary: Callable[[dict], Sequence[str]] | None = None,
+) -> dict:
+    """The ``main`` of a paper experiment: parses ``argv`` (:func:`parse_args`), runs
+    ``train_and_evaluate(config, workdir)`` holding the workdir's lock (one writer per run;
+    a bad config or a busy workdir is one line ``error: ...``, :func:`user_errors`), prints
+    ``summary(report)`` (default: its ``"verdict"`` lines) and where the report is. Returns the
+    report."""
+    import jax
+
+    from dpm.training import WorkdirLock
+
+    config, workdir = parse_args(argv, default_config, description, validate=validate)
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with user_errors(), lock:
+        report = train_and_evaluate(config, workdir)
+    lines = summary(report) if summary is not None else report.get("verdict", [])
+    if lines:
+        print("\n".join(lines))
+    secs = report.get("seconds")
+    took = f" ({secs:.0f} s)" if isinstance(secs, int | float) else ""
+    print(f"report: {os.path.join(workdir, 'report.md')}{took}")
+    return report
+

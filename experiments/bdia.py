@@ -44,7 +44,7 @@ from dpm.metrics import psnr
 from dpm.training import fast_compile_options
 from experiments import _io
 from experiments._checks import int_values
-from experiments._cli import parse_args
+from experiments._cli import run_experiment
 from experiments._model import make_denoiser, make_schedule
 from experiments._report import (
     markdown_table,
@@ -686,11 +686,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    config, workdir = parse_args(argv, "experiments.bdia", __doc__.splitlines()[0],
-                                 validate=check_config)
-    report = train_and_evaluate(config, workdir)
-    print(f"report: {os.path.join(workdir, 'report.md')} ({report['seconds']:.0f} s)")
-    return report
+    return run_experiment(argv, "experiments.bdia", __doc__.splitlines()[0],
+                          train_and_evaluate, validate=check_config, summary=lambda r: [])
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ from dpm.training import (
 )
 from experiments import _io
 from experiments._checks import as_tuple, int_values
-from experiments._cli import parse_args
+from experiments._cli import run_experiment
 from experiments._model import build_unet, make_denoiser
 from experiments._report import (
     command_flags,
@@ -697,12 +697,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    config, workdir = parse_args(argv, "experiments.diffusevae", __doc__.splitlines()[0],
-                                 validate=check_config)
-    report = train_and_evaluate(config, workdir)
-    print("\n".join(report["verdict"]))
-    print(f"report: {os.path.join(workdir, 'report.md')}")
-    return report
+    return run_experiment(argv, "experiments.diffusevae", __doc__.splitlines()[0],
+                          train_and_evaluate, validate=check_config)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from jax.tree_util import Partial
 import dpm
 import solvers
 from experiments import _report, _zoo
-from experiments._cli import parse_args
+from experiments._cli import run_experiment
 
 #: sampler key -> display name. DPM-Solver(2M/3M) is the multistep noise-prediction solver.
 SAMPLERS = {
@@ -839,12 +839,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    config, workdir = parse_args(argv, "experiments.dpm_solver_pp", __doc__.splitlines()[0],
-                                 validate=validate_config)
-    report = train_and_evaluate(config, workdir)
-    print("\n".join(report["verdict"]))
-    print(f"report: {os.path.join(workdir, 'report.md')} ({report['seconds']:.0f} s)")
-    return report
+    return run_experiment(argv, "experiments.dpm_solver_pp", __doc__.splitlines()[0],
+                          train_and_evaluate, validate=validate_config)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ from dpm.training import (
 )
 from experiments import _io, speech_corpus
 from experiments._checks import as_tuple, int_values
-from experiments._cli import parse_args
+from experiments._cli import run_experiment
 from experiments._distill import distillation_step, progressive_distillation
 from experiments._report import command_flags, markdown_table, over_seeds, save_figure, write_report
 from experiments._runner import fit
@@ -715,12 +715,8 @@ def main(argv: Sequence[str] | None = None):
                               seed=a.seed)
         print(f"mel: {out['mel']}\nwav (Griffin-Lim): {out['wav']}")
         return out
-    config, workdir = parse_args(argv, "experiments.prodiff", __doc__.splitlines()[0],
-                                 validate=check_config)
-    report = train_and_evaluate(config, workdir)
-    print("\n".join(report["verdict"]))
-    print(f"report: {os.path.join(workdir, 'report.md')}")
-    return report
+    return run_experiment(argv, "experiments.prodiff", __doc__.splitlines()[0],
+                          train_and_evaluate, validate=check_config)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import numpy as np
 from dpm.training import fast_compile_options
 from experiments import _io
 from experiments._checks import as_tuple, int_values
-from experiments._cli import parse_args
+from experiments._cli import run_experiment
 from experiments._report import (
     command_flags,
     markdown_table,
@@ -760,12 +760,8 @@ def _notes(config, report) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    config, workdir = parse_args(argv, "experiments.time_shift", __doc__.splitlines()[0],
-                                 validate=check_config)
-    report = train_and_evaluate(config, workdir)
-    print("\n".join(verdict(report)))
-    print(f"report: {os.path.join(workdir, 'report.md')}")
-    return report
+    return run_experiment(argv, "experiments.time_shift", __doc__.splitlines()[0],
+                          train_and_evaluate, validate=check_config, summary=verdict)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,27 @@ def test_the_cli_refuses_a_busy_workdir_in_one_line(tmp_path, capsys):
         holder.stdout.close()
 
 
+def test_an_experiment_refuses_a_busy_workdir_before_any_work(tmp_path, capsys):
+    from experiments import progressive_distillation as pd
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from dpm.training import WorkdirLock; "
+         f"WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+        env=ENV, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        with pytest.raises(SystemExit) as e:
+            pd.main(["--workdir", str(tmp_path), f"--config.zoo_root={tmp_path / 'zoo'}"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pid {holder.pid}" in err[0], err
+        assert sorted(os.listdir(tmp_path)) == [".lock"]  # nothing was trained or written
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
 def test_metrics_are_strict_json(tmp_path):
     w = _io.JsonlWriter(tmp_path / "m.jsonl")
     w.write({"step": 1, "loss": np.float32(np.nan), "grad_norm": float("inf"),
