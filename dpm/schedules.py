@@ -108,6 +108,26 @@ class Schedule(abc.ABC):
     def is_variance_preserving(self) -> bool:
         return True
 
+    def prior_sample(self, key: Array, shape: tuple[int, ...], t: float = 1.0,
+                     dtype=jnp.float32) -> Array:
+        """A draw of the state ``x`` at time ``t`` that samplers start from: ``N(0, I)`` for a
+        variance-preserving schedule (its marginal at ``t = 1`` for unit-variance data), and
+        ``N(0, sigma(t)^2 I)`` otherwise (EDM's ``sigma_max * N(0, I)``: the noise swamps the
+        data). Starting a variance-exploding model from ``N(0, I)`` instead silently collapses
+        its samples towards the conditional mean.
+
+        Args:
+          key: PRNG key.
+          shape: ``(B, ...)``.
+          t: the start time in ``[0, 1]`` (``ts[0]`` of the sampling grid).
+          dtype: floating dtype of the draw.
+        """
+        check_time(t)
+        z = jax.random.normal(key, shape, dtype)
+        if self.is_variance_preserving:
+            return z
+        return (self.sigma(jnp.asarray(t, dtype)) * z).astype(dtype)
+
     def log_snr_range(self) -> tuple[float, float]:
         """``(log_snr(1), log_snr(t_min))`` where ``t_min`` is the smallest noisy grid time."""
         return float(self.log_snr(jnp.asarray(1.0))), float(self.log_snr(jnp.asarray(self.t_min)))

@@ -283,7 +283,7 @@ def _sample_grid(trained: Trained, config, n: int, steps: int, key) -> np.ndarra
     if u.num_classes is not None:
         cond = {"label": jnp.arange(n, dtype=jnp.int32) % u.num_classes}
     den = trained.denoiser(cond)
-    x_T = jax.random.normal(key, (n, u.image_size, u.image_size, u.in_channels))
+    x_T = trained.schedule.prior_sample(key, (n, u.image_size, u.image_size, u.in_channels))
     ts = uniform_time(steps, t_end=0.0)
     return np.asarray(jax.jit(ddim)(den, x_T, ts))
 

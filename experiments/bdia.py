@@ -267,7 +267,8 @@ def run_quality(config, kind: str, trained: Trained, judge, test, jit, log=print
         t0 = time.perf_counter()
 
         def one(seed, row=row, ts=ts):
-            x_T = jax.random.normal(jax.random.key(seed), shape)
+            # N(0, I) for the VP eps model, sigma_max N(0, I) for the EDM model
+            x_T = trained.schedule.prior_sample(jax.random.key(seed), shape, float(ts[0]))
             x = np.asarray(fns[row["sampler"]](den, x_T, ts, row["gamma"]))
             m = evaluate(x, labels, judge, test, kid_subsets=q.kid_subsets, seed=seed)
             return {k: m[k] for k in QUALITY_METRICS}

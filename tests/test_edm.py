@@ -289,3 +289,30 @@ def test_bad_inputs():
         edm_heun(den, x, jnp.array([1.5, 0.5, 0.0]))
     with pytest.raises(TypeError, match="Denoiser"):
         edm_heun(lambda x, t: x, x, ts)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: type(s).__name__)
+def test_prior_sample_is_the_state_samplers_start_from(sched):
+    """``Schedule.prior_sample``: exactly ``N(0, I)`` (same draw) for VP schedules, ``sigma(t)``
+    times it for EDM; Heun from it reaches the mixture's moments on every schedule, while the
+    EDM model started from ``N(0, I)`` collapses towards the mean (the bug it prevents)."""
+    key, shape = jax.random.key(3), (4000, 2)
+    z = jax.random.normal(key, shape)
+    x_T = sched.prior_sample(key, shape)
+    if sched.is_variance_preserving:
+        np.testing.assert_array_equal(x_T, z)
+    else:
+        np.testing.assert_allclose(x_T, 80.0 * z, rtol=1e-6)
+        np.testing.assert_allclose(sched.prior_sample(key, shape, t=0.25), 20.0 * z, rtol=1e-6)
+    with pytest.raises(ValueError, match="t must lie in"):
+        sched.prior_sample(key, shape, t=1.5)
+    gm = _mixture()
+    den = gm.denoiser(sched, "eps")
+    ts = _karras_ts(sched, 32)
+    x = jax.jit(edm_heun)(den, x_T, ts)
+    mean = jnp.sum(gm.weights[:, None] * gm.means, 0)
+    var = jnp.sum(gm.weights[:, None] * (gm.stds[:, None] ** 2 + (gm.means - mean) ** 2), 0)
+    np.testing.assert_allclose(x.var(0), var, rtol=0.1)
+    if not sched.is_variance_preserving:
+        collapsed = jax.jit(edm_heun)(den, z, ts)
+        assert jnp.all(collapsed.var(0) < 0.5 * var), (collapsed.var(0), var)
