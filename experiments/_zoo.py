@@ -61,8 +61,12 @@ __all__ = [
 DEFAULT_ROOT = "runs/zoo"
 KINDS = ("eps", "edm")
 JUDGE_STEPS = 800  # classifier optimizer steps
-# train steps of the digits U-Net per image size (tiny preset, batch 128)
-_TRAIN_STEPS = {8: 1200, 16: 1200}
+# the digits U-Net per image size (tiny preset): train steps, batch size, base channels. At
+# 16x16 the preset's 24 channels at batch 128 cost ~1.8 s a step on 2 CPU cores (36 min for
+# 1,200 steps) and ~3.4 ms per sampled image: 16 channels at batch 64 cost ~0.4 s and 1.5 ms
+_TRAIN = {8: dict(steps=1200, batch_size=128, base_channels=None),
+          16: dict(steps=1000, batch_size=64, base_channels=16)}
+_TRAIN_STEPS = {k: v["steps"] for k, v in _TRAIN.items()}
 
 
 def digits_config(
@@ -101,8 +105,9 @@ def digits_config(
         c.diffusion.weighting = "edm"
         c.diffusion.time_sampler = "lognormal"
         c.diffusion.sigma_data = 0.5
-    c.train.steps = _TRAIN_STEPS[image_size]
-    c.train.batch_size = 128
+    c.train.steps = _TRAIN[image_size]["steps"]
+    c.train.batch_size = _TRAIN[image_size]["batch_size"]
+    c.model.base_channels = _TRAIN[image_size]["base_channels"]
     c.train.ckpt_every = 400
     c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 100
@@ -264,8 +269,11 @@ def evaluate(
     if x.ndim != 4 or x.shape[1:] != test_data["x"].shape[1:]:
         raise ValueError(f"samples must have shape (N,) + {test_data['x'].shape[1:]}; "
                          f"got {np.shape(samples)}")
-    f_fake = judge.features(x)
-    f_real = judge.features(test_data["x"])
+    if labels is not None:
+        f_fake, predicted = judge.features_and_labels(x)
+    else:
+        f_fake = judge.features(x)
+    f_real = judge.reference_features(test_data["x"])
     # subsets of half the smaller set, so that they differ and the sd measures something
     k_mean, k_sd = kid(f_real, f_fake, subset_size=max(2, min(len(f_real), len(f_fake)) // 2),
                        num_subsets=kid_subsets, seed=seed)
@@ -281,7 +289,7 @@ def evaluate(
         **stats,
     }
     if labels is not None:
-        out["accuracy"] = label_accuracy(judge.predict(x), np.asarray(labels))
+        out["accuracy"] = label_accuracy(predicted, np.asarray(labels))
     return out
 
 

@@ -10,6 +10,7 @@ network that grades it. Both are cached as checkpoints and reused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -31,40 +32,62 @@ class Judge:
     graphdef: nnx.GraphDef
     params: nnx.State
     held_out_accuracy: float
+    _ref: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
-    def _apply(self, fn: str, x: np.ndarray, batch: int = 512) -> np.ndarray:
-        # chunks padded to a power of two (at most ``batch``): a few compiled shapes serve
-        # every sample count
-        f = _jitted(self.graphdef, fn)
+    def _apply(self, x: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        # one program gives both features and logits (evaluation needs both of the same
+        # images); chunks padded to a power of two (at most ``batch``): a few compiled shapes
+        # serve every sample count
+        f = _jitted(self.graphdef)
         size = min(batch, 1 << max(0, int(len(x)) - 1).bit_length())
-        outs = []
+        feats, logits = [], []
         for i in range(0, len(x), size):
             chunk = np.asarray(x[i : i + size], np.float32)
             pad = size - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
-            outs.append(np.asarray(f(self.params, jnp.asarray(chunk)))[: size - pad])
-        return np.concatenate(outs, 0)
+            a, b = f(self.params, jnp.asarray(chunk))
+            feats.append(np.asarray(a)[: size - pad])
+            logits.append(np.asarray(b)[: size - pad])
+        return np.concatenate(feats, 0), np.concatenate(logits, 0)
+
+    def features_and_labels(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, H, W, C)`` images in ``[-1, 1]`` -> penultimate features ``(N, F)`` and
+        predicted labels ``(N,)``, from one pass."""
+        feats, logits = self._apply(x)
+        return feats, logits.argmax(-1)
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """``(N, H, W, C)`` images in ``[-1, 1]`` -> ``(N, F)`` penultimate features."""
-        return self._apply("features", x)
+        return self._apply(x)[0]
+
+    def reference_features(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`features` of a fixed reference set (the test split every sample set is
+        compared with), computed once per array: the last array is kept and matched by
+        identity, shape and a checksum, so a changed array is never served stale features."""
+        key = (id(x), np.shape(x), float(np.sum(x, dtype=np.float64)))
+        if self._ref is None or self._ref[0] != key:
+            self._ref = (key, x, self.features(x))  # x kept alive: its id stays unique
+        return self._ref[2]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted labels, ``(N,)``."""
-        return self._apply("logits", x).argmax(-1)
+        return self._apply(x)[1].argmax(-1)
 
 
 _JIT_CACHE: dict = {}
 
 
-def _jitted(graphdef, fn):
-    key = (id(graphdef), fn)
+def _features_and_logits(graphdef, params, x):
+    model = nnx.merge(graphdef, params)
+    f = model.features(x)
+    return f, model.head(f)  # the classifier's logits at evaluation (no dropout)
+
+
+def _jitted(graphdef):
+    key = id(graphdef)
     if key not in _JIT_CACHE:
-        if fn == "features":
-            _JIT_CACHE[key] = jax.jit(lambda p, x: nnx.merge(graphdef, p).features(x))
-        else:
-            _JIT_CACHE[key] = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+        _JIT_CACHE[key] = jax.jit(functools.partial(_features_and_logits, graphdef))
     return _JIT_CACHE[key]
 
 

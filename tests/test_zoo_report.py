@@ -95,6 +95,11 @@ class _PixelJudge:
     def predict(self, x):
         return np.rint(2.0 * self.features(x).mean(axis=1) + 1.0).astype(np.int64)
 
+    def features_and_labels(self, x):
+        return self.features(x), self.predict(x)
+
+    reference_features = features
+
 
 def test_floor_matches_the_samples_labels():
     rng = np.random.default_rng(0)
@@ -115,3 +120,27 @@ def test_floor_matches_the_samples_labels():
         _zoo.floor(train, test, judge, 5, labels=labels)
     with pytest.raises(ValueError, match="class 7"):
         _zoo.floor(train, test, judge, 2, labels=np.array([0, 7]))
+
+
+def test_judge_one_pass_equals_separate_passes_and_reference_features_are_fresh():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import nets
+    from experiments.features import Judge
+
+    g, p = nets.init_params(nets.Classifier, 10, 1, 8, 8, seed=0)
+    judge = Judge(g, p, 0.0)
+    x = np.random.default_rng(0).uniform(-1, 1, (37, 8, 8, 1)).astype(np.float32)
+    feats, labels = judge.features_and_labels(x)
+    model = nnx.merge(g, p)
+    np.testing.assert_allclose(feats, np.asarray(model.features(jnp.asarray(x))), atol=1e-5)
+    np.testing.assert_array_equal(labels, np.asarray(model(jnp.asarray(x))).argmax(-1))
+    np.testing.assert_array_equal(judge.predict(x), labels)
+    ref = judge.reference_features(x)
+    assert judge.reference_features(x) is ref  # computed once
+    y = x.copy()
+    y[0, 0, 0, 0] += 0.5  # another array, and the same array changed in place
+    assert not np.allclose(judge.reference_features(y)[0], ref[0])
+    x[1, 0, 0, 0] += 0.5
+    np.testing.assert_allclose(judge.reference_features(x), judge.features(x), atol=0)
