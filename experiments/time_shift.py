@@ -78,14 +78,15 @@ MAX_STEPS = 1000  # the training grid of the zoo's DiscreteVP schedule
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The default run, sized for about 15 min on 2 idle CPU cores once the zoo models exist.
+    """The default run, sized for <= 20 min on 2 idle CPU cores once the zoo models exist
+    (the 16x16 zoo model is trained on first use: ~7 min).
 
-    Cost in U-Net evaluations of 1,000 8x8 images (~0.3 s each on 2 idle cores; a 16x16 image
-    costs ~4x): 8x8 report 2 x 3 seeds x 0.5k samples x 376 NFE (four samplers at 5/10/20/50
-    steps, F-PNDM's warm-up included) = 1,128; 16x16 report 2 x 3 x 0.25k x 138 NFE (10/20
-    steps) = 207 (~830 8x8-equivalents); tuning 7 settings x 0.3k x 49 NFE = 103; plus ~60
-    program compiles. n = 500 (8x8) and 250 (16x16) samples per setting, not 1,000: KID is
-    unbiased at any n, and the paired base-vs-TS difference shares x_T.
+    Cost in U-Net evaluations (8x8 model ~0.3 ms per image on 2 idle cores, the 16x16 zoo
+    model ~1.5 ms): 8x8 report 2 (base, TS) x 3 seeds x 300 samples x 376 NFE (four samplers
+    at 5/10/20/50 steps, F-PNDM's warm-up included) = 677k (~200 s); 16x16 report 2 x 3 x 200
+    x 138 NFE (10/20 steps) = 166k (~250 s); tuning 7 settings x 300 x 49 NFE = 103k; plus
+    ~60 program compiles (~4 s each). KID is unbiased at any n, and the paired base-vs-TS
+    difference shares x_T.
     """
     c = ml_collections.ConfigDict()
     c.name = "time_shift"
@@ -97,9 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.kid_subsets = 100
     # the data sets of the report; 16x16 costs ~4x per sample, so it is sized down
     c.datasets = ml_collections.ConfigDict(dict(
-        digits8=dict(image_size=8, num_samples=500, steps=(5, 10, 20, 50),
+        digits8=dict(image_size=8, num_samples=300, steps=(5, 10, 20, 50),
                      samplers=tuple(SAMPLERS)),
-        digits16=dict(image_size=16, num_samples=250, steps=(10, 20),
+        digits16=dict(image_size=16, num_samples=200, steps=(10, 20),
                       samplers=tuple(SAMPLERS)),
     ))
     c.run = ("digits8", "digits16")  # the data sets this run reports (keys of datasets)

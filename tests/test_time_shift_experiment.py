@@ -24,6 +24,9 @@ def _smoke_config(zoo):
     c.kid_subsets = 5
     c.datasets.digits8.num_samples = 20
     c.datasets.digits8.steps = (3,)
+    # every sampler path but strided DDPM's (which shares DDIM's state-variance path; its
+    # program is traced in test_every_sampler_program_traces): two fewer XLA programs
+    c.datasets.digits8.samplers = ("ddim", "f_pndm", "dpm_solver")
     c.run = ("digits8",)
     c.tune.steps = 3
     c.tune.num_samples = 20
@@ -113,14 +116,15 @@ def test_smoke_report_rows_exposure_and_window_zero(tmp_path, smoke_zoo):
     # report files with one row per sampler (and the floor)
     with open(os.path.join(workdir, "report.md")) as f:
         md = f.read()
-    for name in T.SAMPLERS.values():
-        assert f"| {name}, 3 steps |" in md
+    smoke_samplers = c.datasets.digits8.samplers
+    for name in smoke_samplers:
+        assert f"| {T.SAMPLERS[name]}, 3 steps |" in md
     assert "real train digits (floor" in md
     assert "in-project prox" in md
     with open(os.path.join(workdir, "report.json")) as f:
         data = json.load(f)["data"]
     rows = data["datasets"]["digits8"]["rows"]
-    assert sorted(rows) == sorted(f"{s}/3" for s in T.SAMPLERS)
+    assert sorted(rows) == sorted(f"{s}/3" for s in smoke_samplers)
     for s in ("exposure_bias.png", "kid_vs_nfe.png"):
         assert os.path.getsize(os.path.join(workdir, s)) > 1000
 
@@ -163,3 +167,24 @@ def test_smoke_report_rows_exposure_and_window_zero(tmp_path, smoke_zoo):
     ts0 = jax.jit(lambda d, x, t, k: wrapped(d, x, t, key=k),
                   compiler_options={"xla_backend_optimization_level": 0})
     np.testing.assert_array_equal(base, np.asarray(ts0(den, x_T, ts, k_s)))
+
+
+@pytest.mark.parametrize("name", list(T.SAMPLERS))
+@pytest.mark.parametrize("window", [None, 40])
+def test_every_sampler_program_traces(name, window):
+    """Each of the experiment's programs (base and TS) traces on a U-Net denoiser with the
+    output shapes ``sample`` relies on (abstract evaluation: no compile)."""
+    import nets
+    from experiments._model import build_unet, make_denoiser, make_schedule
+    from experiments._zoo import digits_config
+
+    zc = digits_config("eps", 8)
+    g, p = build_unet(nets.tiny(image_size=8, channels=1, num_classes=10), 0)
+    den = make_denoiser(g, p, make_schedule(zc.diffusion), zc.diffusion,
+                        {"label": jnp.zeros((5,), jnp.int32)})
+    ts = uniform_time(3, t_end=0.0)
+    prog = T._program(name, window, True)
+    x0, var, t_next, nfe = jax.eval_shape(prog, den, jnp.zeros((5, 8, 8, 1)), ts,
+                                          jax.random.key(0), jnp.float32(0.2))
+    assert x0.shape == (5, 8, 8, 1) and var.shape == (4,) and t_next.shape == (3, 5)
+    assert nfe.shape == ()
