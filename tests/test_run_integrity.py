@@ -1,6 +1,7 @@
 """Long runs that never lie: kill -9 and resume equals an uninterrupted run (state, key, data
 position and metrics log), one writer per workdir, strict JSON, honest exits."""
 
+import contextlib
 import json
 import math
 import os
@@ -169,45 +170,43 @@ def test_a_second_writer_is_refused_and_a_dead_holder_is_not_a_lock(tmp_path):
     assert (tmp_path / ".lock").read_text() == ""  # released
 
 
-def test_the_cli_refuses_a_busy_workdir_in_one_line(tmp_path, capsys):
-    from experiments import train as train_cmd
-
+@contextlib.contextmanager
+def _lock_held_elsewhere(workdir):
+    """A child process holding ``workdir``'s lock for the duration; yields it."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import time; from dpm.training import WorkdirLock; "
-         f"WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+         f"WorkdirLock({str(workdir)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
         env=ENV, stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == b"held"
-        with pytest.raises(SystemExit) as e:
-            train_cmd.main(["--workdir", str(tmp_path), *ARGS])
-        assert e.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "is in use by pid" in err[0] and str(holder.pid) in err[0]
+        yield holder
     finally:
         holder.kill()
         holder.wait()
         holder.stdout.close()
 
 
+def test_the_cli_refuses_a_busy_workdir_in_one_line(tmp_path, capsys):
+    from experiments import train as train_cmd
+
+    with _lock_held_elsewhere(tmp_path) as holder:
+        with pytest.raises(SystemExit) as e:
+            train_cmd.main(["--workdir", str(tmp_path), *ARGS])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is in use by pid" in err[0] and str(holder.pid) in err[0]
+
+
 def test_an_experiment_refuses_a_busy_workdir_before_any_work(tmp_path, capsys):
     from experiments import progressive_distillation as pd
 
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from dpm.training import WorkdirLock; "
-         f"WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
-        env=ENV, stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline().strip() == b"held"
+    with _lock_held_elsewhere(tmp_path) as holder:
         with pytest.raises(SystemExit) as e:
             pd.main(["--workdir", str(tmp_path), f"--config.zoo_root={tmp_path / 'zoo'}"])
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"pid {holder.pid}" in err[0], err
         assert sorted(os.listdir(tmp_path)) == [".lock"]  # nothing was trained or written
-    finally:
-        holder.kill()
-        holder.wait()
-        holder.stdout.close()
 
 
 def test_metrics_are_strict_json(tmp_path):
