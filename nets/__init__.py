@@ -7,10 +7,12 @@ from nets.autoencoder import (
     PatchDiscriminator,
     PatchDiscriminatorConfig,
     autoencoder_digits,
+    decode_with_frozen,
     frozen_encoder_decoder,
     kl_f4,
     kl_f8,
     latent_codec,
+    split_decoder,
 )
 from nets.classifier import Classifier
 from nets.diffnet import DiffNet, DiffNetConfig, diffnet_prodiff, diffnet_small
@@ -57,10 +59,12 @@ __all__ = [
     "PatchDiscriminator",
     "PatchDiscriminatorConfig",
     "autoencoder_digits",
+    "decode_with_frozen",
     "frozen_encoder_decoder",
     "kl_f4",
     "kl_f8",
     "latent_codec",
+    "split_decoder",
     "DiffNet",
     "DiffNetConfig",
     "diffnet_prodiff",

@@ -58,10 +58,12 @@ __all__ = [
     "PatchDiscriminator",
     "PatchDiscriminatorConfig",
     "autoencoder_digits",
+    "decode_with_frozen",
     "frozen_encoder_decoder",
     "kl_f4",
     "kl_f8",
     "latent_codec",
+    "split_decoder",
 ]
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # LDM's DiagonalGaussianDistribution clamp
@@ -417,6 +419,27 @@ def frozen_encoder_decoder(
         return dec(params, z_scaled)
 
     return encode, decode
+
+
+def split_decoder(params: Any) -> tuple[Any, Any]:
+    """``(decoder_params, rest)`` of an :class:`AutoencoderKL`'s parameters: the decoder half
+    (``post_quant_conv`` and ``decoder``) and everything else (``encoder``, ``quant_conv``);
+    ``nnx.State.merge(rest, decoder_params)`` (or :func:`decode_with_frozen`) puts them back."""
+    dec, rest = params.split(
+        nnx.Any(nnx.PathContains("decoder"), nnx.PathContains("post_quant_conv")), ...)
+    return dec, rest
+
+
+def decode_with_frozen(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array, Any], jax.Array]:
+    """``decode(decoder_params, z, frozen) -> x``: the autoencoder's decoder with its trainable
+    half separate from the frozen rest (:func:`split_decoder`); ``z`` in the encoder's own
+    units. Gradients reach ``decoder_params`` (and ``z``), never ``frozen``."""
+
+    def decode(decoder_params, z, frozen):
+        params = nnx.State.merge(jax.lax.stop_gradient(frozen), decoder_params)
+        return nnx.merge(graphdef, params).decode(z)
+
+    return decode
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,12 @@ from dpm.data.audio import (
     stft,
     write_wav,
 )
-from dpm.data.bundled import SKIMAGE_COLOR_IMAGES, SKIMAGE_GRAY_IMAGES, skimage_patches
+from dpm.data.bundled import (
+    SKIMAGE_COLOR_IMAGES,
+    SKIMAGE_GRAY_IMAGES,
+    random_patches,
+    skimage_patches,
+)
 from dpm.data.digits import load_digits
 from dpm.data.faces import load_lfw_faces
 from dpm.data.files import IMAGE_EXTENSIONS, folder_class_names, load_image_folder, load_npz
@@ -86,6 +91,7 @@ __all__ = [
     "monotonic_alignment_search",
     "num_frames",
     "phonemize",
+    "random_patches",
     "read_wav",
     "render",
     "resize_images",

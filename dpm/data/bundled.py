@@ -11,6 +11,7 @@ from dpm.data.transforms import to_unit_range
 __all__ = [
     "SKIMAGE_COLOR_IMAGES",
     "SKIMAGE_GRAY_IMAGES",
+    "random_patches",
     "skimage_patches",
 ]
 
@@ -83,22 +84,58 @@ def skimage_patches(
             f"downscale must be a positive divisor of patch_size={patch_size}, got {downscale}"
         )
     sources = [_skimage_image(name, grayscale) for name in images]
-    for name, img in zip(images, sources, strict=True):
+    out = {"x": random_patches([to_unit_range(img, 0.0, 1.0) for img in sources], patch_size,
+                               num_patches, seed=seed, names=images)}
+    if downscale is not None:
+        s, m, c = downscale, patch_size // downscale, out["x"].shape[-1]
+        out["x_low"] = out["x"].reshape(num_patches, m, s, m, s, c).mean(axis=(2, 4))
+    return out
+
+
+def random_patches(
+    images: Sequence[np.ndarray],
+    patch_size: int,
+    num_patches: int,
+    *,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Random square patches of a list of images (the bundled samples, or a user's folder).
+
+    Each patch picks an image uniformly, then a uniform position in it.
+
+    Args:
+      images: ``(H_i, W_i, C)`` float arrays (any sizes, one channel count).
+      patch_size: side of a patch (at most every image's smaller side).
+      num_patches: number of patches.
+      seed: numpy seed.
+      names: the images' names, for error messages.
+
+    Returns:
+      ``(num_patches, P, P, C)`` float32, values as in ``images``.
+    """
+    if patch_size <= 0:
+        raise ValueError(f"patch_size must be > 0, got {patch_size}")
+    if num_patches < 0:
+        raise ValueError(f"num_patches must be >= 0, got {num_patches}")
+    if not len(images):
+        raise ValueError("images must be a non-empty sequence of (H, W, C) arrays")
+    names = list(names) if names is not None else [f"#{i}" for i in range(len(images))]
+    channels = {np.shape(img)[-1] for img in images}
+    if any(np.ndim(img) != 3 for img in images) or len(channels) != 1:
+        raise ValueError("images must all be (H, W, C) arrays with one channel count; got "
+                         f"shapes {[np.shape(img) for img in images]}")
+    for name, img in zip(names, images, strict=True):
         if min(img.shape[:2]) < patch_size:
             raise ValueError(
                 f"patch_size={patch_size} exceeds image {name!r} of size {img.shape[:2]}"
             )
     rng = np.random.default_rng(seed)
-    which = rng.integers(0, len(sources), size=num_patches)
-    channels = 1 if grayscale else 3
-    x = np.empty((num_patches, patch_size, patch_size, channels), np.float32)
+    which = rng.integers(0, len(images), size=num_patches)
+    x = np.empty((num_patches, patch_size, patch_size, channels.pop()), np.float32)
     for i, j in enumerate(which):
-        h, w = sources[j].shape[:2]
+        h, w = images[j].shape[:2]
         top = rng.integers(0, h - patch_size + 1)
         left = rng.integers(0, w - patch_size + 1)
-        x[i] = sources[j][top : top + patch_size, left : left + patch_size]
-    out = {"x": to_unit_range(x, 0.0, 1.0)}
-    if downscale is not None:
-        s, m = downscale, patch_size // downscale
-        out["x_low"] = out["x"].reshape(num_patches, m, s, m, s, channels).mean(axis=(2, 4))
-    return out
+        x[i] = images[j][top : top + patch_size, left : left + patch_size]
+    return x

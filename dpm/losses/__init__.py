@@ -3,6 +3,8 @@
 
 from dpm.losses import diffusevae
 from dpm.losses.autoencoder import (
+    decoder_finetune_loss,
+    hinge_gan_terms,
     kl_autoencoder_loss,
     kl_autoencoder_terms,
     measure_scale_factor,
@@ -30,6 +32,13 @@ from dpm.losses.progressive import (
     progressive_distillation_loss,
     student_times,
 )
+from dpm.losses.scale import (
+    area_downsample,
+    bicubic_upsample,
+    check_scale,
+    degrade,
+    scale_distillation_loss,
+)
 from dpm.losses.vae import beta_vae_loss, gaussian_kl
 
 __all__ = [
@@ -42,7 +51,14 @@ __all__ = [
     "prodiff_distillation_loss",
     "prodiff_teacher_loss",
     "WEIGHTINGS",
+    "area_downsample",
     "beta_vae_loss",
+    "bicubic_upsample",
+    "check_scale",
+    "decoder_finetune_loss",
+    "degrade",
+    "hinge_gan_terms",
+    "scale_distillation_loss",
     "ddim_step",
     "denoising_loss",
     "distillation_target",

@@ -35,8 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpm.losses.vae import gaussian_kl
+from dpm.metrics.image import ssim
 
-__all__ = ["kl_autoencoder_loss", "kl_autoencoder_terms", "measure_scale_factor"]
+__all__ = [
+    "decoder_finetune_loss",
+    "hinge_gan_terms",
+    "kl_autoencoder_loss",
+    "kl_autoencoder_terms",
+    "measure_scale_factor",
+]
 
 
 def _pool(x: jax.Array, s: int) -> jax.Array:
@@ -94,20 +101,28 @@ def kl_autoencoder_terms(
         out = {"rec": d * rec, "kl": gaussian_kl(mean, logvar)}
         if discriminator is None:
             return out
-
-        def patch_mean(logits):
-            return jnp.mean(logits.reshape(logits.shape[0], -1), axis=1)
-
-        disc = params["disc"]
-        # generator: gradients reach the autoencoder only
-        out["gen"] = -patch_mean(discriminator(jax.lax.stop_gradient(disc), x_rec))
-        # discriminator: gradients reach the discriminator only
-        real = patch_mean(jax.nn.relu(1.0 - discriminator(disc, x)))
-        fake = patch_mean(jax.nn.relu(1.0 + discriminator(disc, jax.lax.stop_gradient(x_rec))))
-        out["disc"] = 0.5 * (real + fake)
+        out["gen"], out["disc"] = hinge_gan_terms(discriminator, params["disc"], x, x_rec)
         return out
 
     return terms
+
+
+def hinge_gan_terms(
+    discriminator: Callable[[Any, jax.Array], jax.Array], disc_params: Any, x: jax.Array,
+    x_fake: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """``(gen, disc)``, each ``(B,)``: the hinge generator term ``-mean D(x_fake)`` (gradients
+    reach ``x_fake`` only) and the discriminator's ``(mean relu(1 - D(x)) + mean relu(1 +
+    D(x_fake))) / 2`` (gradients reach the discriminator only), means over patches."""
+
+    def patch_mean(logits):
+        return jnp.mean(logits.reshape(logits.shape[0], -1), axis=1)
+
+    gen = -patch_mean(discriminator(jax.lax.stop_gradient(disc_params), x_fake))
+    real = patch_mean(jax.nn.relu(1.0 - discriminator(disc_params, x)))
+    fake = patch_mean(jax.nn.relu(1.0 + discriminator(disc_params,
+                                                      jax.lax.stop_gradient(x_fake))))
+    return gen, 0.5 * (real + fake)
 
 
 def kl_autoencoder_loss(
@@ -170,6 +185,64 @@ def kl_autoencoder_loss(
             return total
         a = jnp.where(jnp.asarray(step) >= disc_start, 1.0, 0.0) if disc_start > 0 else 1.0
         return total + a * (disc_weight * t["gen"] + t["disc"])
+
+    return loss
+
+
+def decoder_finetune_loss(
+    decode: Callable[..., jax.Array],
+    *,
+    l1_weight: float = 1.0,
+    ssim_weight: float = 1.0,
+    ssim_window: int = 7,
+    discriminator: Callable[[Any, jax.Array], jax.Array] | None = None,
+    disc_weight: float = 0.1,
+) -> Callable[..., jax.Array]:
+    """Decoder fine-tuning on pairs ``(latent, image)`` (YONOS-SR's last stage: the denoiser
+    frozen, the autoencoder's decoder trained to map its one-step latents to the
+    high-resolution images):
+
+        loss = l1_weight mean |x_rec - x| + ssim_weight (1 - SSIM(x_rec, x))
+               [+ disc_weight gen + disc]     (hinge patch-GAN, as kl_autoencoder_loss)
+
+    with ``x_rec = decode(params, z, frozen)``. The frozen rest of the autoencoder is an
+    argument of the loss (``loss(params, batch, key, frozen)``), never a trained parameter:
+    only ``params`` (the decoder's; ``{"dec", "disc"}`` with a discriminator) move.
+
+    Args:
+      decode: ``(decoder_params, z, frozen) -> x_rec``, ``(B, H, W, C)`` images in [-1, 1]
+        (e.g. ``nets.autoencoder_decode(graphdef)``).
+      l1_weight: weight of the mean absolute error.
+      ssim_weight: weight of ``1 - SSIM`` (Gaussian window, data range 2).
+      ssim_window: odd SSIM window side (at most the image side).
+      discriminator: ``(disc_params, x) -> logits`` or None (no GAN, the default).
+      disc_weight: weight of the generator term.
+
+    Returns:
+      ``loss(params, batch, key, frozen) -> (B,)`` with ``batch = {"z": (B, h, w, c) latents,
+      "x": (B, H, W, C) target images}``.
+    """
+    for name, value in (("l1_weight", l1_weight), ("ssim_weight", ssim_weight),
+                        ("disc_weight", disc_weight)):
+        _check_number(name, value)
+    if isinstance(ssim_window, bool) or not isinstance(ssim_window, int) or (
+            ssim_window < 1 or ssim_window % 2 == 0):
+        raise ValueError(f"ssim_window must be a positive odd int; got {ssim_window!r}")
+
+    def loss(params, batch, key, frozen):
+        del key
+        x = batch["x"]
+        dec = params["dec"] if discriminator is not None else params
+        x_rec = decode(dec, batch["z"], frozen)
+        if x_rec.shape != x.shape:
+            raise ValueError(f"decode returned shape {x_rec.shape}; batch['x'] has {x.shape}")
+        total = l1_weight * jnp.mean(jnp.abs(x_rec - x).reshape(x.shape[0], -1), axis=1)
+        if ssim_weight:
+            total = total + ssim_weight * (1.0 - ssim(x_rec, x, 2.0, win_size=ssim_window))
+        if discriminator is None:
+            return total
+        gen, disc = hinge_gan_terms(discriminator, params["disc"], x, x_rec)
+        return total + disc_weight * gen + disc
 
     return loss
 
