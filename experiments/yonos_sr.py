@@ -104,7 +104,13 @@ PREDICTIONS = ("v", "x0")
 
 def get_config() -> ml_collections.ConfigDict:
     """The default run: 32x32 grayscale patches, latent space (f = 4), x2 teacher -> x4 -> x8,
-    3 seeds, sized for <= 25 min on 2 idle CPU cores."""
+    3 seeds, sized for <= 25 min on 2 idle CPU cores.
+
+    Costs measured on 2 idle cores (compiled, float32): a step of the autoencoder (widths
+    16-32) at batch 32 0.40 s (widths 32-64: 1.28 s); of the tiny U-Net on 8x8x4 latents at
+    batch 32 86 ms (direct) and 114 ms (distillation: the teacher's forward pass too); each
+    train step compiles in ~21 s.
+    """
     c = ml_collections.ConfigDict()
     c.name = "yonos_sr"
     c.seeds = (0, 1, 2)
@@ -114,23 +120,23 @@ def get_config() -> ml_collections.ConfigDict:
         patch_size=32, channels=1, train_images=TRAIN_IMAGES, test_images=TEST_IMAGES,
         num_train=2048, num_test=256, seed=0))
     c.autoencoder = ml_collections.ConfigDict(dict(
-        factor=4, base_channels=32, latent_channels=4, attention=True, steps=600, batch_size=32,
+        factor=4, base_channels=16, latent_channels=4, attention=True, steps=500, batch_size=16,
         learning_rate=2e-3, warmup_steps=50, kl_weight=1e-6))
     c.unet = ml_collections.ConfigDict(dict(base_channels=32, channel_mult=(1, 2),
                                             attention=True))
     c.diffusion = ml_collections.ConfigDict(dict(prediction="v", weighting="truncated_snr"))
     c.teacher = ml_collections.ConfigDict(dict(
-        scale=2, steps=1200, batch_size=32, learning_rate=1e-3, warmup_steps=50,
+        scale=2, steps=1000, batch_size=32, learning_rate=1e-3, warmup_steps=50,
         ema_decay=0.999))
     # every student stage (distilled and direct alike): initialised from the previous stage
     c.student = ml_collections.ConfigDict(dict(
-        scales=(4, 8), steps=600, batch_size=32, learning_rate=5e-4, warmup_steps=0,
-        ema_decay=0.995))
+        scales=(4, 8), steps=300, batch_size=16, learning_rate=5e-4, warmup_steps=0,
+        ema_decay=0.99))
     # learning curves at the first student scale: one-step PSNR at these steps (all seeds),
     # and at the end of stages that see only `data_sizes` train patches (distilled vs direct)
-    c.curve = ml_collections.ConfigDict(dict(points=(50, 150, 300), data_sizes=(64, 256)))
+    c.curve = ml_collections.ConfigDict(dict(points=(50, 100, 200), data_sizes=(64, 256)))
     c.decoder = ml_collections.ConfigDict(dict(
-        steps=300, batch_size=32, learning_rate=1e-4, l1_weight=1.0, ssim_weight=1.0,
+        steps=100, batch_size=16, learning_rate=1e-4, l1_weight=1.0, ssim_weight=1.0,
         ssim_window=7, discriminator=False, disc_weight=0.1))
     c.sample = ml_collections.ConfigDict(dict(many_steps=(20, 200), figure_patches=6))
     return c

@@ -425,6 +425,11 @@ def split_decoder(params: Any) -> tuple[Any, Any]:
     """``(decoder_params, rest)`` of an :class:`AutoencoderKL`'s parameters: the decoder half
     (``post_quant_conv`` and ``decoder``) and everything else (``encoder``, ``quant_conv``);
     ``nnx.State.merge(rest, decoder_params)`` (or :func:`decode_with_frozen`) puts them back."""
+    if not isinstance(params, nnx.State):
+        if not isinstance(params, dict):
+            raise TypeError("params must be the nnx.State (or its pure dict) of an "
+                            f"AutoencoderKL's parameters; got {type(params).__name__}")
+        params = nnx.State(params)
     dec, rest = params.split(
         nnx.Any(nnx.PathContains("decoder"), nnx.PathContains("post_quant_conv")), ...)
     return dec, rest

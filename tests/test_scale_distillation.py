@@ -345,6 +345,11 @@ def test_decoder_finetuning_moves_the_decoder_only():
     merged = nnx.State.merge(rest, state.params)
     _, rest_after = nets.split_decoder(merged)
     chex.assert_trees_all_equal(jax.device_get(rest_after), original_rest)
+    # the pure-dict form splits the same way; anything else is refused by name
+    dec_d, rest_d = nets.split_decoder(merged.to_pure_dict())
+    assert set(dec_d) == set(nets.split_decoder(merged)[0]) and set(rest_d) == set(rest_after)
+    with pytest.raises(TypeError, match="params must be the nnx.State"):
+        nets.split_decoder([1, 2])
     chex.assert_trees_all_equal(jax.device_get(rest), original_rest)
     mean_after, logvar_after = encode(merged, x)
     np.testing.assert_array_equal(mean_after, mean)
@@ -415,8 +420,10 @@ def test_decoder_finetune_loss_rejects_mismatched_shapes_and_windows():
     with pytest.raises(ValueError, match="decode returned shape"):
         half(None, {"z": x, "x": x}, None, None)
     wide = decoder_finetune_loss(lambda p, z, f: z, ssim_window=17)
-    with pytest.raises(ValueError, match="win_size=17"):
+    with pytest.raises(ValueError, match="ssim_window=17 exceeds"):
         wide(None, {"z": x, "x": x}, None, None)
+    with pytest.raises(ValueError, match=r"missing \['z'\]"):
+        half(None, {"x": x}, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +475,13 @@ def test_random_patches_reject_bad_input():
         random_patches([np.zeros((8, 8))], 4, 3)
     with pytest.raises(ValueError, match="non-empty"):
         random_patches([], 4, 3)
-    with pytest.raises(ValueError, match="patch_size must be > 0, got 0"):
+    with pytest.raises(ValueError, match="patch_size must be an int >= 1, got 0"):
         random_patches([a], 0, 3)
-    with pytest.raises(ValueError, match="num_patches must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="patch_size must be an int >= 1, got True"):
+        random_patches([a], True, 3)
+    with pytest.raises(ValueError, match="num_patches must be an int >= 0, got -1"):
         random_patches([a], 4, -1)
+    with pytest.raises(ValueError, match=r"\(H, W, C\)"):
+        random_patches([np.float32(1.0)], 4, 3)  # a 0-d "image"
+    with pytest.raises(ValueError, match="1 names for 2 images"):
+        random_patches([a, b], 4, 3, names=["only"])

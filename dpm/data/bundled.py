@@ -114,15 +114,20 @@ def random_patches(
     Returns:
       ``(num_patches, P, P, C)`` float32, values as in ``images``.
     """
-    if patch_size <= 0:
-        raise ValueError(f"patch_size must be > 0, got {patch_size}")
-    if num_patches < 0:
-        raise ValueError(f"num_patches must be >= 0, got {num_patches}")
+    for name, v, low in (("patch_size", patch_size, 1), ("num_patches", num_patches, 0)):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
     if not len(images):
         raise ValueError("images must be a non-empty sequence of (H, W, C) arrays")
     names = list(names) if names is not None else [f"#{i}" for i in range(len(images))]
+    if len(names) != len(images):
+        raise ValueError(f"names must name every image: {len(names)} names for "
+                         f"{len(images)} images")
+    if any(np.ndim(img) != 3 for img in images):
+        raise ValueError("images must all be (H, W, C) arrays; got shapes "
+                         f"{[np.shape(img) for img in images]}")
     channels = {np.shape(img)[-1] for img in images}
-    if any(np.ndim(img) != 3 for img in images) or len(channels) != 1:
+    if len(channels) != 1:
         raise ValueError("images must all be (H, W, C) arrays with one channel count; got "
                          f"shapes {[np.shape(img) for img in images]}")
     for name, img in zip(names, images, strict=True):

@@ -231,7 +231,14 @@ def decoder_finetune_loss(
 
     def loss(params, batch, key, frozen):
         del key
+        missing = [k for k in ("z", "x") if k not in batch]
+        if missing:
+            raise ValueError(f"decoder fine-tuning needs batch['z'] (latents) and batch['x'] "
+                             f"(target images); missing {missing}")
         x = batch["x"]
+        if min(x.shape[1:3]) < ssim_window:
+            raise ValueError(f"ssim_window={ssim_window} exceeds the images' size "
+                             f"{tuple(x.shape[1:3])}")
         dec = params["dec"] if discriminator is not None else params
         x_rec = decode(dec, batch["z"], frozen)
         if x_rec.shape != x.shape:
