@@ -38,6 +38,7 @@ __all__ = [
     "TIME_SAMPLERS",
     "log_output_to_x0_scale",
     "log_weight",
+    "output_target",
     "sample_time",
     "denoising_loss",
     "diffuse",
@@ -84,6 +85,20 @@ def log_output_to_x0_scale(prediction: str, schedule: Schedule, t: Array) -> Arr
         log_a, log_s = schedule.log_alpha(t), schedule.log_sigma(t)
         return 2.0 * log_s - 2.0 * jnp.logaddexp(2.0 * log_a, 2.0 * log_s)
     return jnp.zeros_like(lam)
+
+
+def output_target(prediction: str, schedule: Schedule, z_t: Array, t: Array,
+                  x0_target: Array) -> Array:
+    """The target in a model's own output space that a given ``x0`` target implies at the same
+    ``z_t``: ``x0`` itself (``"x0"``, ``"both"``), ``eps = (z_t - alpha x0) / sigma``, or ``v =
+    alpha eps - sigma x0``. The distillation losses regress on it."""
+    if prediction in ("x0", "both"):
+        return x0_target
+    a, s = expand_like(schedule.alpha(t), z_t), expand_like(schedule.sigma(t), z_t)
+    eps = (z_t - a * x0_target) / s
+    if prediction == "eps":
+        return eps
+    return a * eps - s * x0_target  # v
 
 
 def sample_time(

@@ -39,6 +39,7 @@ from dpm.losses.denoising import (
     diffuse,
     log_output_to_x0_scale,
     log_weight,
+    output_target,
 )
 from dpm.schedules import Schedule
 
@@ -106,16 +107,6 @@ def student_times(key: Array, n: int, student_steps: Array | int) -> tuple[Array
     i = jax.random.randint(key, (n,), 1, N + 1)
     Nf = N.astype(jnp.float32)
     return i.astype(jnp.float32) / Nf, (i - 1).astype(jnp.float32) / Nf
-
-
-def _output_target(prediction: str, sched: Schedule, z_t: Array, t: Array, x_til: Array) -> Array:
-    if prediction in ("x0", "both"):
-        return x_til
-    a, s = expand_like(sched.alpha(t), z_t), expand_like(sched.sigma(t), z_t)
-    eps = (z_t - a * x_til) / s
-    if prediction == "eps":
-        return eps
-    return a * eps - s * x_til  # v
 
 
 def student_steps_resolver(default: int | None, loss_name: str) -> Callable[[Any], Any]:
@@ -189,7 +180,7 @@ def progressive_distillation_loss(
         eps = jax.random.normal(ke, x0.shape, x0.dtype)
         z_t = diffuse(sched, x0, t, eps).astype(x0.dtype)
         x_til, _ = distillation_target(teacher, z_t, t, s)
-        target = jax.lax.stop_gradient(_output_target(student.prediction, sched, z_t, t, x_til))
+        target = jax.lax.stop_gradient(output_target(student.prediction, sched, z_t, t, x_til))
         out = student.x0(z_t, t) if student.prediction == "both" else student.output(z_t, t)
         mse = jnp.mean(jnp.square(out.astype(jnp.float32) - target).reshape(x0.shape[0], -1),
                        axis=1)

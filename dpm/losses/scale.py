@@ -48,9 +48,9 @@ from dpm.losses.denoising import (
     diffuse,
     log_output_to_x0_scale,
     log_weight,
+    output_target,
     sample_time,
 )
-from dpm.losses.progressive import _output_target
 
 Array = jax.Array
 
@@ -166,7 +166,7 @@ def scale_distillation_loss(
         eps = jax.random.normal(ke, x0.shape, x0.dtype)
         z_t = diffuse(sched, x0, t, eps).astype(x0.dtype)
         x_til = teacher.x0(z_t, t)
-        target = jax.lax.stop_gradient(_output_target(student.prediction, sched, z_t, t, x_til))
+        target = jax.lax.stop_gradient(output_target(student.prediction, sched, z_t, t, x_til))
         out = student.x0(z_t, t) if student.prediction == "both" else student.output(z_t, t)
         mse = jnp.mean(jnp.square(out.astype(jnp.float32) - target).reshape(n, -1), axis=1)
         log_w = log_weight(weighting, sched, t, min_snr_gamma=min_snr_gamma,
