@@ -124,7 +124,10 @@ def get_config() -> ml_collections.ConfigDict:
         learning_rate=2e-3, warmup_steps=50, kl_weight=1e-6))
     c.unet = ml_collections.ConfigDict(dict(base_channels=32, channel_mult=(1, 2),
                                             attention=True))
-    c.diffusion = ml_collections.ConfigDict(dict(prediction="v", weighting="truncated_snr"))
+    # t_one_fraction: share of training times set to t = 1 (the one-step regime) instead of
+    # drawn uniformly; 0 = the paper's uniform t (an ablation knob, not the paper's recipe)
+    c.diffusion = ml_collections.ConfigDict(dict(prediction="v", weighting="truncated_snr",
+                                                 t_one_fraction=0.0))
     c.teacher = ml_collections.ConfigDict(dict(
         scale=2, steps=1000, batch_size=32, learning_rate=1e-3, warmup_steps=50,
         ema_decay=0.999))
@@ -210,6 +213,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.diffusion.prediction not in PREDICTIONS:
         raise ValueError(f"config.diffusion.prediction must be one of {PREDICTIONS}; got "
                          f"{config.diffusion.prediction!r}")
+    f = config.diffusion.t_one_fraction
+    if isinstance(f, bool) or not isinstance(f, int | float) or not 0.0 <= f < 1.0:
+        raise ValueError(f"config.diffusion.t_one_fraction must be in [0, 1); got {f!r}")
     if config.diffusion.weighting not in WEIGHTINGS:
         raise ValueError(f"config.diffusion.weighting must be one of {WEIGHTINGS}; got "
                          f"{config.diffusion.weighting!r}")
@@ -408,23 +414,36 @@ def _den(graphdef, params, prediction: str, lr, key=None) -> dpm.Denoiser:
         None if lr is None else {"image": lr}, train_key=key)
 
 
+def time_sampler(t_one_fraction: float):
+    """Training times: uniform on [1e-5, 1], a share ``t_one_fraction`` of them set to 1."""
+
+    def sample(key, n):
+        k_u, k_one = jax.random.split(key)
+        t = jax.random.uniform(k_u, (n,), minval=1e-5, maxval=1.0)
+        return jnp.where(jax.random.bernoulli(k_one, t_one_fraction, (n,)), 1.0, t)
+
+    return sample
+
+
 @functools.cache
-def _step(graphdef, kind: str, prediction: str, weighting: str, optim: tuple):
+def _step(graphdef, kind: str, prediction: str, weighting: str, optim: tuple,
+          t_one_fraction: float = 0.0):
     """``(train_step, optimizer)``: ``kind`` "direct" (ground truth) or "distill" (the
     teacher's x0 at the same noisy input); ``optim = (learning_rate, steps, warmup,
     ema_decay)``. One compiled step per distinct setting serves every stage and seed."""
     lr, steps, warmup, ema = optim
+    times = time_sampler(t_one_fraction) if t_one_fraction else "uniform"
 
     def make_student(p):
         return _den(graphdef, p, prediction, None)
 
     if kind == "direct":
-        inner = denoising_loss(make_student, weighting=weighting)
+        inner = denoising_loss(make_student, weighting=weighting, time_sampler=times)
 
         def loss(params, batch, key):
             return inner(params, {"x": batch["x"], "cond": {"image": batch["lr"]}}, key)
     else:
-        inner = scale_distillation_loss(make_student, weighting=weighting)
+        inner = scale_distillation_loss(make_student, weighting=weighting, time_sampler=times)
 
         def loss(params, batch, key, teacher_params):
             return inner(params, {"x": batch["x"], "cond": {"image": batch["lr"]},
@@ -449,7 +468,7 @@ def train_stage(config, graphdef, kind: str, section: str, init, data: dict, see
     s = config[section]
     step, opt = _step(graphdef, kind, config.diffusion.prediction, config.diffusion.weighting,
                       (float(s.learning_rate), int(s.steps), int(s.warmup_steps),
-                       float(s.ema_decay)))
+                       float(s.ema_decay)), float(config.diffusion.t_one_fraction))
     curve = {}
     for k in sorted({*points, int(s.steps)}):
         state = init_train_state(jax.tree.map(jnp.array, init), opt, jax.random.key(seed))

@@ -60,6 +60,7 @@ def _smoke_config():
     ("decoder.ssim_window", 6, "ssim_window"),
     ("curve.points", (0,), "curve.points"),
     ("student.batch_size", 12, "multiple of the 8 devices"),
+    ("diffusion.t_one_fraction", 1.0, "t_one_fraction"),
 ])
 def test_bad_config_is_named_before_any_work(tmp_path, key, value, match):
     c = Y.get_config()
@@ -73,6 +74,16 @@ def test_bad_config_is_named_before_any_work(tmp_path, key, value, match):
     with pytest.raises(ValueError, match=match):
         Y.train_and_evaluate(c, str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_time_sampler_puts_its_share_at_t_one():
+    import jax
+
+    t = np.asarray(Y.time_sampler(0.25)(jax.random.key(0), 8000))
+    share = np.mean(t == 1.0)
+    assert abs(share - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 8000)
+    rest = t[t < 1.0]
+    assert rest.min() >= 1e-5 and abs(rest.mean() - 0.5) < 0.02  # the others uniform
 
 
 def test_tiles_blend_to_the_identity_on_odd_sizes():
