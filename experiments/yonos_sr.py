@@ -306,7 +306,7 @@ class Space:
     ``encode(x)`` / ``decode(z)`` map numpy batches (decode clips to [-1, 1]); ``ae`` is
     ``(graphdef, params, scale_factor)`` in latent space, else None."""
 
-    def __init__(self, config, ae=None, fast: bool = False):
+    def __init__(self, ae=None, fast: bool = False):
         self.latent = ae is not None
         self.ae = ae
         self.fast = fast
@@ -316,10 +316,7 @@ class Space:
     def with_decoder_params(self, params) -> Space:
         """The same space decoding with other autoencoder parameters (decoder fine-tuning)."""
         g, _, sf = self.ae
-        out = Space.__new__(Space)
-        out.__dict__.update(self.__dict__)
-        out.ae = (g, params, sf)
-        return out
+        return Space((g, params, sf), self.fast)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         if not self.latent:
@@ -380,8 +377,8 @@ def train_autoencoder(config, train_hr: np.ndarray, workdir: str, *, progress=Tr
 
 def make_space(config, train_hr, workdir, *, progress=True) -> Space:
     if config.space == "pixel":
-        return Space(config)
-    return Space(config, train_autoencoder(config, train_hr, workdir, progress=progress),
+        return Space()
+    return Space(train_autoencoder(config, train_hr, workdir, progress=progress),
                  config.fast_compile)
 
 
@@ -614,10 +611,8 @@ def train_networks(config, train_hr, test_hr, workdir, *, seeds, log=print, prog
                              label=f"x{scales[0]} teacher")
 
     def onestep(scale):
-        def evaluate(params):
-            z = super_resolve(config, graphdef, params, te[scale], 1, 0)
-            return fidelity(space.decode(z), test_hr)
-        return evaluate
+        return lambda params: onestep_fidelity(config, graphdef, space, params, te[scale],
+                                               test_hr)
 
     students, curves = {}, {}
     for seed in seeds:
@@ -639,9 +634,11 @@ def train_networks(config, train_hr, test_hr, workdir, *, seeds, log=print, prog
     return Run(space, graphdef, teacher, students, curves, inputs)
 
 
-def data_size_curve(config, run: Run, test_hr, workdir, *, seeds, progress=True) -> dict:
+def data_size_curve(config, run: Run, test_hr, workdir, *, seeds, full: dict,
+                    progress=True) -> dict:
     """``{kind: {n: over_seeds one-step fidelity}}`` at the first student scale, the stage
-    seeing only the first ``n`` train patches (and all of them: the main run)."""
+    seeing only the first ``n`` train patches; ``full[kind]`` (the main run's last curve point)
+    is the column of all of them."""
     scales = scales_of(config)
     s, t = scales[1], scales[0]
     tr, te = run.inputs["train"], run.inputs["test"]
@@ -656,19 +653,19 @@ def data_size_curve(config, run: Run, test_hr, workdir, *, seeds, progress=True)
                     os.path.join(workdir, f"data{n}_{kind}_x{s}_seed{seed}"),
                     teacher=run.teacher if kind == "distill" else None, progress=progress,
                     label=f"{kind} x{s} on {n} patches, seed {seed}")
-                z = super_resolve(config, run.graphdef, params, te[s], 1, 0)
-                return fidelity(run.space.decode(z), test_hr)
+                return onestep_fidelity(config, run.graphdef, run.space, params, te[s],
+                                        test_hr)
             row[n] = over_seeds(one, seeds)
-        row[config.data.num_train] = over_seeds(
-            lambda seed, kind=kind: _final_onestep(config, run, kind, s, seed, test_hr), seeds)
+        row[config.data.num_train] = full[kind]
         out[kind] = row
     return out
 
 
-def _final_onestep(config, run: Run, kind, s, seed, test_hr) -> dict:
-    z = super_resolve(config, run.graphdef, run.students[kind, s, seed], run.inputs["test"][s],
-                      1, 0)
-    return fidelity(run.space.decode(z), test_hr)
+def onestep_fidelity(config, graphdef, space: Space, params, lr: np.ndarray,
+                     test_hr: np.ndarray) -> dict:
+    """:func:`fidelity` of one-step SR from the encoded inputs ``lr`` (noise of seed 0: every
+    point of a learning curve sees the same start noise)."""
+    return fidelity(space.decode(super_resolve(config, graphdef, params, lr, 1, 0)), test_hr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -838,10 +835,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     s1 = scales_of(config)[1]
     for kind in ("distill", "direct"):
         report["curve_steps"][kind][config.student.steps] = over_seeds(
-            lambda seed, kind=kind: _final_onestep(config, run, kind, s1, seed, test_hr), seeds)
+            lambda seed, kind=kind: onestep_fidelity(
+                config, run.graphdef, run.space, run.students[kind, s1, seed],
+                run.inputs["test"][s1], test_hr), seeds)
     t_curve = time.perf_counter()
-    report["curve_data"] = data_size_curve(config, run, test_hr, workdir, seeds=seeds,
-                                           progress=progress)
+    report["curve_data"] = data_size_curve(
+        config, run, test_hr, workdir, seeds=seeds, progress=progress,
+        full={k: report["curve_steps"][k][config.student.steps] for k in ("distill", "direct")})
     log(f"data-size curve ({time.perf_counter() - t_curve:.0f} s)")
     labels = {"distill": "scale-distilled", "direct": "direct (ground truth)"}
     for key, xlabel in (("curve_steps", "student training steps"),
