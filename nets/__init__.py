@@ -15,6 +15,7 @@ from nets.autoencoder import (
     split_decoder,
 )
 from nets.classifier import Classifier
+from nets.clip import ContrastiveConfig, ContrastiveModel
 from nets.diffnet import DiffNet, DiffNetConfig, diffnet_prodiff, diffnet_small
 from nets.fastspeech2 import (
     FastSpeech2,
@@ -24,6 +25,7 @@ from nets.fastspeech2 import (
     length_regulate,
 )
 from nets.mlp import MLP
+from nets.text import TextEncoder, TextEncoderConfig
 from nets.unet import UNet, UNetConfig, count_params, ddpm_cifar10, small, tiny
 from nets.vae import (
     VAE,
@@ -74,4 +76,8 @@ __all__ = [
     "fastspeech2_prodiff",
     "fastspeech2_small",
     "length_regulate",
+    "ContrastiveConfig",
+    "ContrastiveModel",
+    "TextEncoder",
+    "TextEncoderConfig",
 ]

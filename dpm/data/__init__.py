@@ -36,6 +36,20 @@ from dpm.data.bundled import (
     random_patches,
     skimage_patches,
 )
+from dpm.data.captions import (
+    CAPTION_MAX_TOKENS,
+    CAPTION_TEMPLATES,
+    DIGIT_NAMES,
+    CaptionVocab,
+    attribute_thresholds,
+    attribute_words,
+    caption_dataset,
+    caption_digit,
+    digit_attributes,
+    digit_captions,
+    digit_forms,
+    normalize_caption,
+)
 from dpm.data.digits import load_digits
 from dpm.data.faces import load_lfw_faces
 from dpm.data.files import IMAGE_EXTENSIONS, folder_class_names, load_image_folder, load_npz
@@ -59,6 +73,18 @@ from dpm.data.transforms import resize_images
 
 __all__ = [
     "BatchIterator",
+    "CAPTION_MAX_TOKENS",
+    "CAPTION_TEMPLATES",
+    "CaptionVocab",
+    "DIGIT_NAMES",
+    "attribute_thresholds",
+    "attribute_words",
+    "caption_dataset",
+    "caption_digit",
+    "digit_attributes",
+    "digit_captions",
+    "digit_forms",
+    "normalize_caption",
     "IMAGE_EXTENSIONS",
     "MelConfig",
     "PhonemeVocab",
