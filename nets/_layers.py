@@ -208,6 +208,66 @@ class AttnBlock(nnx.Module):
         return x.astype(h.dtype) + h
 
 
+class CrossAttnBlock(nnx.Module):
+    """Multi-head cross-attention from the H*W positions to a context sequence (text-token
+    features, as in Stable Diffusion's U-Net), residual, zero-initialised output.
+
+    Queries from GroupNorm(x), keys and values from LayerNorm(context) (float32 statistics and
+    parameters); `jax.nn.dot_product_attention` (float32 logits and softmax) with a key padding
+    mask. With the output projection at zero (as built) the block is the identity.
+
+    Every row of `context_mask` needs at least one valid (True) token: a fully masked row has
+    nothing to attend to, and the masked softmax then spreads over the padding tokens (finite,
+    but meaningless). `UNet` rejects such a mask when it is concrete; under `jit` it cannot
+    check, so the caller must guarantee it.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        context_dim: int,
+        num_heads: int,
+        *,
+        implementation: str | None = None,
+        dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if channels % num_heads:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
+        if context_dim < 1:
+            raise ValueError(f"context_dim must be >= 1, got {context_dim}")
+        self.num_heads = num_heads
+        self.implementation = implementation
+        self.norm = GroupNorm(channels, rngs=rngs)
+        self.context_norm = nnx.LayerNorm(
+            context_dim, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs
+        )
+        self.q = dense(channels, channels, dtype=dtype, rngs=rngs)
+        self.kv = dense(context_dim, 2 * channels, dtype=dtype, rngs=rngs)
+        self.proj_out = dense(channels, channels, dtype=dtype, zero=True, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, context: jax.Array, context_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """x: (B, H, W, C), context: (B, L, context_dim), context_mask: (B, L) bool, True =
+        valid token (None = all valid) -> (B, H, W, C)."""
+        b, hh, ww, c = x.shape
+        n, l = self.num_heads, context.shape[1]
+        q = self.q(self.norm(x)).reshape(b, hh * ww, n, c // n)
+        kv = self.kv(self.context_norm(context.astype(jnp.float32))).reshape(b, l, 2, n, c // n)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        mask = None
+        if context_mask is not None:
+            if context_mask.dtype != jnp.bool_ or context_mask.shape != (b, l):
+                raise ValueError(f"context_mask must be bool of shape {(b, l)}, got "
+                                 f"{context_mask.dtype}{context_mask.shape}")
+            # (B, 1, T, L): a full query axis, which the cuDNN implementation requires
+            mask = jnp.broadcast_to(context_mask[:, None, None, :], (b, 1, hh * ww, l))
+        h = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        h = self.proj_out(h.reshape(b, hh, ww, c))
+        return x.astype(h.dtype) + h
+
+
 class Downsample(nnx.Module):
     """Halve H and W: a stride-2 conv3x3, or 2x2 average pooling."""
 

@@ -1,9 +1,11 @@
 """The diffusion U-Net of the DDPM / DDPM++ / ADM lineage, NHWC, in Flax NNX.
 
 Ho et al. 2020 (DDPM, `diffusion_tf/models/unet.py`), with the ADM additions of Dhariwal &
-Nichol 2021 (multi-head attention, scale-shift norm, class embedding, learned variance). The
-network embeds whatever scalar the caller conditions on (`noise_level`) and knows nothing about
-schedules or parameterizations; preconditioning lives in `dpm`.
+Nichol 2021 (multi-head attention, scale-shift norm, class embedding, learned variance), and,
+optionally, the cross-attention to a sequence of text-token features of Stable Diffusion's U-Net
+(Rombach et al. 2022). The network embeds whatever scalar the caller conditions on
+(`noise_level`) and knows nothing about schedules or parameterizations; preconditioning lives in
+`dpm`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nets._layers import (
     AttnBlock,
+    CrossAttnBlock,
     Downsample,
     GroupNorm,
     ResBlock,
@@ -63,6 +67,14 @@ class UNetConfig:
       padding: "SAME" (zero padding) or "CIRCULAR" (periodic images).
       attention_impl: `implementation` of `jax.nn.dot_product_attention` (None, "xla",
         "cudnn").
+      context_dim: width Dc of a context sequence ``cond["context"]`` (B, L, Dc), e.g. the
+        token features of a text encoder, that the net cross-attends to (Stable Diffusion);
+        0 = no cross-attention (no extra parameters). When > 0 the middle block cross-attends
+        after its self-attention.
+      cross_attn_resolutions: spatial sizes (relative to `image_size`, like
+        `attn_resolutions`) where every residual block, down and up, is followed by
+        cross-attention to the context (after the self-attention, if any); non-empty requires
+        `context_dim > 0`.
     """
 
     in_channels: int = 3
@@ -84,10 +96,13 @@ class UNetConfig:
     image_size: int = 32
     padding: str = "SAME"
     attention_impl: str | None = None
+    context_dim: int = 0
+    cross_attn_resolutions: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
+        object.__setattr__(self, "cross_attn_resolutions", tuple(self.cross_attn_resolutions))
         for name in ("in_channels", "out_channels", "num_res_blocks", "image_size", "num_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -118,6 +133,21 @@ class UNetConfig:
         for r in (*self.attn_resolutions, sizes[-1]):  # the middle block always attends
             c = self.base_channels * self.channel_mult[sizes.index(r)]
             self.heads(c)
+        if not isinstance(self.context_dim, int) or self.context_dim < 0:
+            raise ValueError(f"context_dim must be an int >= 0, got {self.context_dim!r}")
+        for r in self.cross_attn_resolutions:
+            if r not in sizes:
+                raise ValueError(
+                    f"cross_attn_resolutions entry {r!r} is not one of the level sizes {sizes} "
+                    f"for image_size={self.image_size}"
+                )
+        if self.cross_attn_resolutions and not self.context_dim:
+            raise ValueError(
+                f"cross_attn_resolutions={self.cross_attn_resolutions} requires context_dim > 0, "
+                f"got context_dim={self.context_dim}"
+            )
+        for r in self.cross_attn_resolutions:
+            self.heads(self.base_channels * self.channel_mult[sizes.index(r)])
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None and (
@@ -174,12 +204,14 @@ class UNetConfig:
 
 
 class _Level(nnx.Module):
-    """The residual blocks (and attention) of one resolution, then an optional resampler."""
+    """The residual blocks (and attention, and cross-attention) of one resolution, then an
+    optional resampler. `cross_attns` is None (no parameters) where the level has none."""
 
-    def __init__(self, blocks, attns, resample):
+    def __init__(self, blocks, attns, resample, cross_attns=()):
         self.blocks = nnx.List(blocks)
         self.attns = nnx.List(attns)
         self.resample = resample
+        self.cross_attns = nnx.List(cross_attns) if cross_attns else None
 
 
 class UNet(nnx.Module):
@@ -215,6 +247,16 @@ class UNet(nnx.Module):
                 c, cfg.heads(c), implementation=cfg.attention_impl, dtype=dt, rngs=rngs
             )
 
+        def cross_attn(c):
+            return CrossAttnBlock(
+                c,
+                cfg.context_dim,
+                cfg.heads(c),
+                implementation=cfg.attention_impl,
+                dtype=dt,
+                rngs=rngs,
+            )
+
         # time (and class) embedding, float32: it is tiny
         self.emb_0 = dense(ch, emb_dim, rngs=rngs)
         self.emb_1 = dense(emb_dim, emb_dim, rngs=rngs)
@@ -236,38 +278,43 @@ class UNet(nnx.Module):
         size = cfg.image_size
         down = []
         for i, mult in enumerate(cfg.channel_mult):
-            blocks, attns = [], []
+            blocks, attns, cross_attns = [], [], []
             for _ in range(cfg.num_res_blocks):
                 blocks.append(res(c, ch * mult))
                 c = ch * mult
                 if size in cfg.attn_resolutions:
                     attns.append(attn(c))
+                if size in cfg.cross_attn_resolutions:
+                    cross_attns.append(cross_attn(c))
                 skips.append(c)
             resample = None
             if i != cfg.num_levels - 1:
                 resample = Downsample(c, cfg.resample_with_conv, padding=pad, dtype=dt, rngs=rngs)
                 skips.append(c)
                 size //= 2
-            down.append(_Level(blocks, attns, resample))
+            down.append(_Level(blocks, attns, resample, cross_attns))
         self.down = nnx.List(down)
 
         self.mid_res_0 = res(c, c)
         self.mid_attn = attn(c)
+        self.mid_cross_attn = cross_attn(c) if cfg.context_dim else None
         self.mid_res_1 = res(c, c)
 
         up = []
         for i, mult in reversed(list(enumerate(cfg.channel_mult))):
-            blocks, attns = [], []
+            blocks, attns, cross_attns = [], [], []
             for _ in range(cfg.num_res_blocks + 1):
                 blocks.append(res(c + skips.pop(), ch * mult))
                 c = ch * mult
                 if size in cfg.attn_resolutions:
                     attns.append(attn(c))
+                if size in cfg.cross_attn_resolutions:
+                    cross_attns.append(cross_attn(c))
             resample = None
             if i != 0:
                 resample = Upsample(c, cfg.resample_with_conv, padding=pad, dtype=dt, rngs=rngs)
                 size *= 2
-            up.append(_Level(blocks, attns, resample))
+            up.append(_Level(blocks, attns, resample, cross_attns))
         self.up = nnx.List(up)
 
         # output head in float32 (cheap: C -> out_channels)
@@ -290,11 +337,12 @@ class UNet(nnx.Module):
             cond = {}
         if not isinstance(cond, dict):
             raise TypeError(f"cond must be None or a dict, got {type(cond).__name__}")
-        unknown = set(cond) - {"label", "image", "vector"}
+        unknown = set(cond) - {"label", "image", "vector", "context", "context_mask"}
         if unknown:
             raise ValueError(f"cond has unknown keys {sorted(unknown)}; allowed: label, image, "
-                             "vector")
+                             "vector, context, context_mask")
         label, image, vector = cond.get("label"), cond.get("image"), cond.get("vector")
+        context, context_mask = self._check_context(b, cond)
         if (vector is not None) != (cfg.vector_cond_dim > 0):
             got = "one" if vector is not None else "none"
             raise ValueError(f"cond['vector'] is required iff vector_cond_dim > 0 (it is "
@@ -326,7 +374,39 @@ class UNet(nnx.Module):
             expected = (b, h, w, cfg.extra_in_channels)
             if image.shape != expected:
                 raise ValueError(f"cond['image'] must have shape {expected}, got {image.shape}")
-        return label, image, vector
+        return label, image, vector, context, context_mask
+
+    def _check_context(self, b, cond):
+        """Validated (context, context_mask) of `cond`; (None, None) when context_dim == 0."""
+        dc = self.config.context_dim
+        context, mask = cond.get("context"), cond.get("context_mask")
+        if dc == 0:
+            for name in ("context", "context_mask"):
+                if cond.get(name) is not None:
+                    raise ValueError(f"cond['{name}'] given but context_dim=0 (no cross-attention)")
+            return None, None
+        if context is None:
+            raise ValueError(f"cond['context'] of shape ({b}, L, {dc}) is required when "
+                             f"context_dim={dc}")
+        context = jnp.asarray(context)
+        if (context.ndim != 3 or context.shape[0] != b or context.shape[1] < 1
+                or context.shape[2] != dc or not jnp.issubdtype(context.dtype, jnp.floating)):
+            raise ValueError(f"cond['context'] must be a float array of shape ({b}, L >= 1, {dc}), "
+                             f"got {context.dtype}{tuple(context.shape)}")
+        if mask is None:
+            return context, None
+        mask = jnp.asarray(mask)
+        expected = (b, context.shape[1])
+        if mask.shape != expected or mask.dtype != jnp.bool_:
+            raise ValueError(f"cond['context_mask'] must be a bool array of shape {expected} "
+                             f"(True = valid token), got {mask.dtype}{tuple(mask.shape)}")
+        # a row with no valid token would attend to padding only; checkable only when concrete
+        if not isinstance(mask, jax.core.Tracer) and mask.is_fully_addressable:
+            empty = np.flatnonzero(~np.asarray(mask).any(axis=1))
+            if empty.size:
+                raise ValueError(f"cond['context_mask'] rows {empty.tolist()} have no valid "
+                                 f"(True) token; every row needs at least one")
+        return context, mask
 
     def __call__(
         self,
@@ -345,7 +425,10 @@ class UNet(nnx.Module):
           cond: None or a dict with "label": (B,) int (required iff num_classes is set;
             `num_classes` is the null class) and "image": (B, H, W, extra_in_channels)
             (required iff extra_in_channels > 0) and "vector": (B, vector_cond_dim) (required
-            iff vector_cond_dim > 0).
+            iff vector_cond_dim > 0) and "context": (B, L, context_dim) float (required iff
+            context_dim > 0) with an optional "context_mask": (B, L) bool, True = valid token
+            (None = all valid). Every row of the mask needs at least one True: a concrete mask
+            is checked (ValueError), a traced one (under `jit`) cannot be.
           key: PRNG key for dropout; required when train=True and dropout > 0.
           train: enables dropout.
 
@@ -355,7 +438,7 @@ class UNet(nnx.Module):
         cfg = self.config
         x = jnp.asarray(x)
         noise_level = jnp.asarray(noise_level)
-        label, image, vector = self._check_inputs(x, noise_level, cond)
+        label, image, vector, context, context_mask = self._check_inputs(x, noise_level, cond)
         if train and cfg.dropout > 0 and key is None:
             raise ValueError(f"key is required when train=True and dropout={cfg.dropout} > 0")
         key = key if (train and cfg.dropout > 0) else None
@@ -379,6 +462,8 @@ class UNet(nnx.Module):
                 h = block(h, emb, key)
                 if len(level.attns):
                     h = level.attns[j](h)
+                if level.cross_attns is not None:
+                    h = level.cross_attns[j](h, context, context_mask)
                 hs.append(h)
             if level.resample is not None:
                 h = level.resample(h)
@@ -386,6 +471,8 @@ class UNet(nnx.Module):
 
         h = self.mid_res_0(h, emb, key)
         h = self.mid_attn(h)
+        if self.mid_cross_attn is not None:
+            h = self.mid_cross_attn(h, context, context_mask)
         h = self.mid_res_1(h, emb, key)
 
         for level in self.up:
@@ -393,6 +480,8 @@ class UNet(nnx.Module):
                 h = block(jnp.concatenate([h, hs.pop()], axis=-1), emb, key)
                 if len(level.attns):
                     h = level.attns[j](h)
+                if level.cross_attns is not None:
+                    h = level.cross_attns[j](h, context, context_mask)
             if level.resample is not None:
                 h = level.resample(h)
 
