@@ -7,6 +7,7 @@ from solvers.ddim import ddim, ddim_invert
 from solvers.ddpm import ddpm
 from solvers.diffusevae import diffusevae_sample
 from solvers.dpm_solver import dpm_solver, dpm_solver_fast_orders, dpm_solver_pp
+from solvers.lcm import lcm, lcm_grid, lcm_timesteps
 from solvers.edm import edm_euler, edm_heun, edm_stochastic
 from solvers.pndm import pndm
 from solvers.progressive import pd_stochastic
@@ -30,6 +31,9 @@ __all__ = [
     "edm_euler",
     "edm_heun",
     "edm_stochastic",
+    "lcm",
+    "lcm_grid",
+    "lcm_timesteps",
     "pd_stochastic",
     "pndm",
     "select_shifted_time",

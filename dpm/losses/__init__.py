@@ -9,6 +9,19 @@ from dpm.losses.autoencoder import (
     kl_autoencoder_terms,
     measure_scale_factor,
 )
+from dpm.losses.consistency import (
+    DISTANCES,
+    LCDTerms,
+    boundary_coefficients,
+    consistency_function,
+    guidance_embedding,
+    guided_ddim_step,
+    lcd_loss,
+    lcd_terms,
+    pseudo_huber,
+    skipping_timesteps,
+)
+from dpm.losses.contrastive import clip_loss, contrastive_logits_loss
 from dpm.losses.denoising import (
     TIME_SAMPLERS,
     WEIGHTINGS,
@@ -32,6 +45,14 @@ from dpm.losses.progressive import (
     progressive_distillation_loss,
     student_times,
 )
+from dpm.losses.reward import (
+    PREFERENCE_MODES,
+    decoded_reward,
+    pairwise_preference_loss,
+    rg_lcd_loss,
+    rg_lcd_lrm_loss,
+    weighted_rewards,
+)
 from dpm.losses.scale import (
     area_downsample,
     bicubic_upsample,
@@ -42,6 +63,22 @@ from dpm.losses.scale import (
 from dpm.losses.vae import beta_vae_loss, gaussian_kl
 
 __all__ = [
+    "DISTANCES",
+    "LCDTerms",
+    "PREFERENCE_MODES",
+    "boundary_coefficients",
+    "consistency_function",
+    "decoded_reward",
+    "guidance_embedding",
+    "guided_ddim_step",
+    "lcd_loss",
+    "lcd_terms",
+    "pairwise_preference_loss",
+    "pseudo_huber",
+    "rg_lcd_loss",
+    "rg_lcd_lrm_loss",
+    "skipping_timesteps",
+    "weighted_rewards",
     "TIME_SAMPLERS",
     "VARIANCE_WEIGHTS",
     "fastspeech2_variance_loss",
@@ -55,6 +92,8 @@ __all__ = [
     "beta_vae_loss",
     "bicubic_upsample",
     "check_scale",
+    "clip_loss",
+    "contrastive_logits_loss",
     "decoder_finetune_loss",
     "degrade",
     "hinge_gan_terms",

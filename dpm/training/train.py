@@ -300,6 +300,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     skip_nonfinite: bool = True,
     learning_rate: optax.Schedule | float | None = None,
+    target_from_ema: bool = False,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Build the pure ``train_step(state, batch, *extra) -> (state, metrics)``.
 
@@ -321,6 +322,9 @@ def make_train_step(
       learning_rate: the optimizer's schedule (or constant), only to report the learning rate of
         the update in ``metrics["learning_rate"]`` (evaluated at the number of applied updates,
         ``step - skipped``); omitted from the metrics when None.
+      target_from_ema: pass the state's EMA parameters (before this step's update) to the loss
+        as ``target_params=`` (keyword, no gradient): the target network of consistency
+        distillation, ``theta- <- mu theta- + (1 - mu) theta`` with ``mu = ema_decay``.
 
     Returns:
       ``train_step(state, batch, *extra) -> (state, metrics)``, pure and not yet jitted (see
@@ -336,7 +340,12 @@ def make_train_step(
     n_micro = grad_accum_steps
 
     def mean_loss(params, batch, key, extra):
-        losses = loss_fn(params, batch, key, *extra)
+        if target_from_ema:
+            *extra, target = extra
+            losses = loss_fn(params, batch, key, *extra,
+                             target_params=jax.lax.stop_gradient(target))
+        else:
+            losses = loss_fn(params, batch, key, *extra)
         B = _batch_size(batch, strict=False)
         if jnp.ndim(losses) != 1 or (B is not None and jnp.shape(losses)[0] != B):
             raise ValueError(
@@ -372,6 +381,8 @@ def make_train_step(
         state: TrainState, batch: PyTree, *extra: Any
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         key, step_key = jax.random.split(state.key)
+        if target_from_ema:
+            extra = (*extra, state.ema_params)
         if n_micro == 1:
             loss, grads = loss_and_grad(state.params, batch, step_key, extra)
         else:
