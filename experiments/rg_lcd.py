@@ -70,6 +70,7 @@ from dpm.losses import (
     denoising_loss,
     guidance_embedding,
     kl_autoencoder_loss,
+    lcd_loss,
     measure_scale_factor,
     rg_lcd_loss,
     rg_lcd_lrm_loss,
@@ -591,23 +592,27 @@ def _reward_fns(ae_graphdef, sf: float, expert_g, lrm_g):
 
 @functools.cache
 def _student_step(kind: str, graphdef, teacher_g, lcd: tuple, optim: tuple, rg: tuple):
-    """``(train_step, optimizer)`` of one student kind ("rg", serving LCD too, or "rg_lrm") and
-    LCD setting
+    """``(train_step, optimizer)`` of one student kind ("lcd", "rg", "rg_lrm") and LCD
+    setting
     ``lcd = (skip, w_min, w_max, distance, huber_c, boundary, w_embed_dim)``; ``optim = (lr,
     steps, warmup, ema)``; ``rg = (ae_graphdef, sf, expert_g, lrm_g, rm_batch, lrm_lr,
     mode, temperature, lrm_beta)``. Cached: every seed and beta of a kind shares one compile
-    (beta is a batch column; LCD is beta = 0)."""
+    (beta is a batch column)."""
     skip, w_min, w_max, distance, huber_c, boundary, dim = lcd
     opts = dict(skip=skip, w_min=w_min, w_max=w_max, distance=distance, huber_c=huber_c,
                 boundary=boundary)
     make_student, make_teacher = _make_student(graphdef, dim), _make_teacher(teacher_g)
     lr, steps, warmup, ema = optim
     opt = make_optimizer(lr, total_steps=steps, warmup_steps=min(warmup, steps - 1))
-    # LCD is RG-LCD with beta = 0 (its batches skip the reward model at run time): one
-    # compiled step serves LCD and every beta
     ae_g, sf, expert_g, lrm_g, rm_batch, lrm_lr, mode, temp, lrm_beta = rg
     expert, lrm = _reward_fns(ae_g, sf, expert_g, lrm_g)
-    if kind == "rg":
+    if kind == "lcd":
+        inner_lcd = lcd_loss(make_student, make_teacher, **opts)
+
+        def inner(params, batch, key, teacher_params, reward_params, *, target_params):
+            del reward_params  # the same step signature as the rewarded kinds
+            return inner_lcd(params, batch, key, teacher_params, target_params=target_params)
+    elif kind == "rg":
         inner = rg_lcd_loss(make_student, make_teacher, expert, **opts)
     else:
         inner = rg_lcd_lrm_loss(make_student, make_teacher, lrm, expert, beta=lrm_beta,
@@ -659,15 +664,15 @@ def train_student(config, n: Nets, kind: str, seed: int, workdir: str, *, beta: 
     rg = (n.ae.graphdef, float(n.ae.scale_factor), n.expert[0], n.latent_clip[0],
           int(r.rm_batch_size), float(r.lrm_learning_rate), str(r.mode),
           float(n.expert_temperature), float(r.lrm_beta))
-    step, opt = _student_step("rg" if kind == "lcd" else kind, n.student_graphdef,
+    step, opt = _student_step(kind, n.student_graphdef,
                               n.teacher.unet_graphdef, setting,
                               (float(d.learning_rate), int(d.steps), int(d.warmup_steps), ema),
                               rg)
     rows = n.rows
     data = {"x": n.latents[rows["image_index"]], "tokens": rows["tokens"],
             "context": n.contexts["context"], "context_mask": n.contexts["context_mask"]}
-    if kind != "rg_lrm":  # LCD: beta = 0
-        data["beta"] = np.full(len(data["x"]), beta if kind == "rg" else 0.0, np.float32)
+    if kind == "rg":
+        data["beta"] = np.full(len(data["x"]), beta, np.float32)
     params = jax.tree.map(jnp.array, n.student_init)
     if kind == "rg_lrm":
         params = {"student": params, "lrm": jax.tree.map(jnp.array, n.latent_clip[1])}
@@ -1049,7 +1054,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                                xlabel="sampling steps", ylabel="judge CLIP score",
                                title=f"students vs steps (teacher, {big} steps: {t_big:.3f})"))
     report["seconds"] = time.perf_counter() - t0
-    notes = ["## Verdict", "", *[f"- {v}" for v in report["verdict"]], "",
+    s2 = 2 if 2 in as_tuple(config.sample.student_steps) else min(config.sample.student_steps)
+    rows = [f"teacher {big} steps", f"teacher {s2} steps",
+            *[f"{name}, {s2} steps" for name in student_specs(config)]]
+    notes = ["samples.png, top to bottom (the first prompts, seed "
+             f"{as_tuple(config.seeds)[0]}): " + "; ".join(rows) + ".", "",
+             "## Verdict", "", *[f"- {v}" for v in report["verdict"]], "",
              "## Sanity", "", *[f"- {k}: {v:.3f}" for k, v in sanity.items()], "",
              f"Run time: {report['seconds']:.0f} s. Command: `python -m experiments.rg_lcd "
              f"--workdir {workdir}`."]

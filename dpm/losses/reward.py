@@ -125,25 +125,18 @@ def rg_lcd_loss(make_student, make_teacher, reward: RewardFn, *, beta: float = 1
     ``lcd_options`` and ``batch`` are those of :func:`dpm.losses.lcd_terms`, plus
     ``batch["reward_cond"]`` (the prompt as the reward model reads it). An optional
     ``batch["beta"]`` (``(B,)``) overrides ``beta`` per example, traced: one compiled step then
-    serves every value, LCD itself included (a batch whose betas are all 0 skips the reward
-    model at run time).
+    serves every value. (LCD alone is :func:`dpm.losses.lcd_loss`: with beta = 0 this loss
+    still runs the reward model. A ``lax.cond`` skipping it halved the speed of the rewarded
+    step on CPU, measured: 1.8 against 4.5 steps/s.)
     """
     terms_of = lcd_terms(make_student, make_teacher, **lcd_options)
     default_beta = beta
 
     def loss(params, batch, key, teacher_params, reward_params, *, target_params):
         terms = terms_of(params, batch, key, teacher_params, target_params)
-        B = terms.distance.shape[0]
-        b = jnp.broadcast_to(jnp.asarray(batch.get("beta", default_beta), jnp.float32), (B,))
-
-        def rewarded():
-            r = reward(jax.lax.stop_gradient(reward_params), terms.prediction,
-                       batch["reward_cond"])
-            return r.astype(jnp.float32)
-
-        # a batch with beta = 0 throughout is plain LCD: the reward model is not run
-        r = jax.lax.cond(jnp.any(b != 0), rewarded, lambda: jnp.zeros((B,), jnp.float32))
-        return terms.distance - b * r
+        r = reward(jax.lax.stop_gradient(reward_params), terms.prediction, batch["reward_cond"])
+        b = batch.get("beta", default_beta)
+        return terms.distance - b * r.astype(jnp.float32)
 
     return loss
 
