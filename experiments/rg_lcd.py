@@ -76,7 +76,6 @@ from dpm.losses import (
     rg_lcd_lrm_loss,
 )
 from dpm.training import (
-    fast_compile_options,
     init_train_state,
     make_optimizer,
     make_train_step,
@@ -85,6 +84,7 @@ from dpm.training import (
 from experiments import _io
 from experiments._checks import as_tuple, int_values
 from experiments._cli import run_experiment
+from experiments._latent import batched, codec, jit
 from experiments._report import markdown_table, over_seeds, plot_curves, write_report
 from experiments._runner import fit
 from experiments._zoo import (
@@ -298,20 +298,8 @@ def load_data(config) -> Data:
 # ----------------------------------------------------------------------------------------------
 
 
-def _jit(fn, fast: bool):
-    return jax.jit(fn, compiler_options=fast_compile_options()) if fast else jax.jit(fn)
 
 
-def _batched(fn, *arrays, size: int = 256) -> np.ndarray:
-    """``fn`` over chunks of ``size`` rows, the last padded (one compiled shape per fn)."""
-    n, out = len(arrays[0]), []
-    for i in range(0, n, size):
-        parts = [a[i:i + size] for a in arrays]
-        m = len(parts[0])
-        if m < size and n > size:
-            parts = [np.concatenate([q, np.repeat(q[-1:], size - m, axis=0)]) for q in parts]
-        out.append(np.asarray(fn(*parts))[:m])
-    return np.concatenate(out)
 
 
 def _optimizer(sec, steps=None):
@@ -320,15 +308,6 @@ def _optimizer(sec, steps=None):
                           warmup_steps=min(int(sec.get("warmup_steps", 0)), steps - 1))
 
 
-@functools.cache
-def _codec(graphdef, fast: bool):
-    def enc(q, x, sf):
-        return sf * nnx.merge(graphdef, q).encode(x)[0]
-
-    def dec(q, z, sf):
-        return jnp.clip(nnx.merge(graphdef, q).decode(z / sf), -1.0, 1.0)
-
-    return _jit(enc, fast), _jit(dec, fast)
 
 
 @dataclasses.dataclass
@@ -339,12 +318,12 @@ class Autoencoder:
     fast: bool = False
 
     def encode(self, x):
-        enc = _codec(self.graphdef, self.fast)[0]
-        return _batched(lambda a: enc(self.params, a, self.scale_factor), x)
+        enc = codec(self.graphdef, self.fast)[0]
+        return batched(lambda a: enc(self.params, a, self.scale_factor), x)
 
     def decode(self, z):
-        dec = _codec(self.graphdef, self.fast)[1]
-        return _batched(lambda a: dec(self.params, a, self.scale_factor), z)
+        dec = codec(self.graphdef, self.fast)[1]
+        return batched(lambda a: dec(self.params, a, self.scale_factor), z)
 
 
 @functools.cache
@@ -374,7 +353,7 @@ def train_autoencoder(config, images: np.ndarray, workdir: str, *, progress=True
                    ckpt_config={"autoencoder": a.to_dict()}, ckpt_every=a.steps,
                    fast_compile=config.fast_compile, progress=progress, label="autoencoder")
     params = jax.device_get(state.params)
-    enc = _codec(graphdef, bool(config.fast_compile))[0]
+    enc = codec(graphdef, bool(config.fast_compile))[0]
     sf = measure_scale_factor(lambda x: (enc(params, x, 1.0), None), images[:512])
     return Autoencoder(graphdef, params, sf, bool(config.fast_compile))
 
@@ -424,14 +403,14 @@ def _clip_score(graphdef, fast: bool):
     def score(p, x, tokens):
         return nnx.merge(graphdef, p).score(x, tokens)
 
-    return _jit(score, fast)
+    return jit(score, fast)
 
 
 def clip_scores(clip, x: np.ndarray, tokens: np.ndarray, fast: bool) -> np.ndarray:
     """Cosine of each image (or latent) with its own caption, ``(N,)``."""
     graphdef, params = clip
     fn = _clip_score(graphdef, fast)
-    return _batched(lambda a, t: fn(params, a, t), x, tokens)
+    return batched(lambda a, t: fn(params, a, t), x, tokens)
 
 
 def digit_retrieval(clip, data: Data, x: np.ndarray, y: np.ndarray, fast: bool) -> float:
@@ -527,7 +506,7 @@ def train_teacher(config, data: Data, latents: np.ndarray, workdir: str, *, prog
 
 @functools.cache
 def _text_fn(text_g, fast: bool):
-    return _jit(lambda p, tokens: _encode_text(text_g, p, tokens), fast)
+    return jit(lambda p, tokens: _encode_text(text_g, p, tokens), fast)
 
 
 def encode_prompts(teacher: Teacher, tokens: np.ndarray, fast: bool) -> dict:
@@ -741,7 +720,7 @@ def _teacher_sampler(graphdef, steps: int, fast: bool):
                                                              "context_mask": null_mask})
         return ddim(guided, noise, ts)
 
-    return _jit(run, fast)
+    return jit(run, fast)
 
 
 @functools.cache
@@ -753,7 +732,7 @@ def _lcm_sampler(graphdef, steps: int, skip: int, boundary: bool, dim: int, fast
                                                "vector": guidance_embedding(w, dim)})
         return lcm(den, noise, ts, key=jax.random.key(row[0]), boundary=boundary)
 
-    return _jit(run, fast)
+    return jit(run, fast)
 
 
 def generate(config, n: Nets, prompts_ctx: dict, model, steps: int, w: float, seed: int, *,
@@ -769,7 +748,7 @@ def generate(config, n: Nets, prompts_ctx: dict, model, steps: int, w: float, se
     if isinstance(model, str):
         run = _teacher_sampler(n.teacher.unet_graphdef, int(steps), fast)
         null = {k: np.repeat(v, N, 0) for k, v in n.teacher.null.items()}
-        z = _batched(lambda a, b, c, d, e, f: run(n.teacher.params["unet"], a, b, c, d, e, f),
+        z = batched(lambda a, b, c, d, e, f: run(n.teacher.params["unet"], a, b, c, d, e, f),
                      ctx, mask, null["context"], null["context_mask"], ws, noise)
     else:
         d = config.lcd
@@ -778,7 +757,7 @@ def generate(config, n: Nets, prompts_ctx: dict, model, steps: int, w: float, se
                            bool(d.boundary if boundary is None else boundary),
                            int(d.w_embed_dim), fast)
         rows = np.arange(N, dtype=np.int32) + 1_000_000 * (seed + 1)
-        z = _batched(lambda a, b, c, e, f: run(model, a, b, c, e, f), ctx, mask, ws, noise, rows)
+        z = batched(lambda a, b, c, e, f: run(model, a, b, c, e, f), ctx, mask, ws, noise, rows)
     return n.ae.decode(z)
 
 

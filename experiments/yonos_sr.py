@@ -81,6 +81,7 @@ from dpm.training import (
 from experiments import _io
 from experiments._checks import as_tuple, int_values
 from experiments._cli import UsageError, run_experiment, user_errors
+from experiments._latent import batched, codec, jit
 from experiments._model import build_unet, make_denoiser
 from experiments._report import (
     command_flags,
@@ -264,22 +265,8 @@ def _fast(config):
     return fast_compile_options() if config.fast_compile else None
 
 
-def _jit(fn, fast: bool):
-    return jax.jit(fn, compiler_options=fast_compile_options()) if fast else jax.jit(fn)
 
 
-@functools.cache
-def _codec(graphdef, fast: bool):
-    """Jitted ``encode(params, x, scale_factor) -> scaled mean`` and ``decode(params, z,
-    scale_factor) -> x`` (clipped to [-1, 1]): compiled once per autoencoder layout."""
-
-    def enc(q, x, sf):
-        return sf * nnx.merge(graphdef, q).encode(x)[0]
-
-    def dec(q, z, sf):
-        return jnp.clip(nnx.merge(graphdef, q).decode(z / sf), -1.0, 1.0)
-
-    return _jit(enc, fast), _jit(dec, fast)
 
 
 @functools.cache
@@ -287,17 +274,6 @@ def _degrade(scale: int):
     return jax.jit(functools.partial(degrade, scale=scale))
 
 
-def _batched(fn, *arrays, size: int = 256) -> np.ndarray:
-    """``fn`` over chunks of ``size`` examples, the last padded to the full size (one compiled
-    shape per ``fn``)."""
-    n, out = len(arrays[0]), []
-    for i in range(0, n, size):
-        parts = [a[i:i + size] for a in arrays]
-        m = len(parts[0])
-        if m < size and n > size:
-            parts = [np.concatenate([q, np.repeat(q[-1:], size - m, axis=0)]) for q in parts]
-        out.append(np.asarray(fn(*parts))[:m])
-    return np.concatenate(out)
 
 
 class Space:
@@ -311,7 +287,7 @@ class Space:
         self.ae = ae
         self.fast = fast
         if self.latent:
-            self._enc, self._dec = _codec(ae[0], bool(fast))
+            self._enc, self._dec = codec(ae[0], bool(fast))
 
     def with_decoder_params(self, params) -> Space:
         """The same space decoding with other autoencoder parameters (decoder fine-tuning)."""
@@ -321,12 +297,12 @@ class Space:
     def encode(self, x: np.ndarray) -> np.ndarray:
         if not self.latent:
             return np.asarray(x, np.float32)
-        return _batched(lambda a: self._enc(self.ae[1], a, self.ae[2]), x)
+        return batched(lambda a: self._enc(self.ae[1], a, self.ae[2]), x)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         if not self.latent:
             return np.clip(np.asarray(z), -1.0, 1.0)
-        return _batched(lambda a: self._dec(self.ae[1], a, self.ae[2]), z)
+        return batched(lambda a: self._dec(self.ae[1], a, self.ae[2]), z)
 
 
 def _ae_config(config) -> nets.AutoencoderConfig:
@@ -370,7 +346,7 @@ def train_autoencoder(config, train_hr: np.ndarray, workdir: str, *, progress=Tr
                    ckpt_every=a.steps, fast_compile=config.fast_compile, progress=progress,
                    label="autoencoder")
     params = jax.device_get(state.params)
-    enc = _codec(graphdef, bool(config.fast_compile))[0]
+    enc = codec(graphdef, bool(config.fast_compile))[0]
     sf = measure_scale_factor(lambda x: (enc(params, x, 1.0), None), train_hr[:512])
     return graphdef, params, sf
 
@@ -386,7 +362,7 @@ def sr_inputs(space: Space, hr: np.ndarray, scales) -> dict:
     """``{"x": encoded HR, s: encoded degraded input at scale s}`` for each scale."""
     out = {"x": space.encode(hr)}
     for s in scales:
-        out[s] = space.encode(_batched(_degrade(s), hr))
+        out[s] = space.encode(batched(_degrade(s), hr))
     return out
 
 
@@ -506,7 +482,7 @@ def _sampler(graphdef, prediction: str, pixel: bool, steps: int, fast: bool):
         den = _den(graphdef, params, prediction, lr)
         return ddim(dpm.clip_x0(den) if pixel else den, noise, ts)
 
-    return _jit(run, fast)
+    return jit(run, fast)
 
 
 def super_resolve(config, graphdef, params, lr: np.ndarray, steps: int, seed: int
@@ -517,7 +493,7 @@ def super_resolve(config, graphdef, params, lr: np.ndarray, steps: int, seed: in
     noise = np.random.default_rng(seed + 10_000).standard_normal(lr.shape).astype(np.float32)
     run = _sampler(graphdef, config.diffusion.prediction, config.space == "pixel", int(steps),
                    bool(config.fast_compile))
-    return _batched(lambda a, b: run(params, a, b), lr, noise)
+    return batched(lambda a, b: run(params, a, b), lr, noise)
 
 
 @jax.jit
@@ -679,7 +655,7 @@ def evaluate_scale(config, run: Run, s: int, test_hr, train_hr, workdir, *, seed
     ``seeds[0]``'s outputs of the figure's columns."""
     te, tr = run.inputs["test"], run.inputs["train"]
     space, g = run.space, run.graphdef
-    deg = _batched(_degrade(s), test_hr)
+    deg = batched(_degrade(s), test_hr)
     rows = {"bicubic": over_seeds(lambda seed: fidelity(deg, test_hr), seeds[:1])}
     if space.latent:
         rows["autoencoder round trip of HR (ceiling)"] = over_seeds(
