@@ -660,8 +660,13 @@ def train_student(config, n: Nets, kind: str, seed: int, workdir: str, *, beta: 
     state, _ = fit(step, init_train_state(params, opt, jax.random.key(seed)),
                    BatchIterator(data, d.batch_size, seed=seed), workdir, steps=d.steps,
                    ckpt_config={"kind": kind, "lcd": list(setting), "ema": ema, "beta": beta,
-                                "seed": seed, "rg": config.rg.to_dict(),
-                                "optim": d.to_dict()},
+                                "seed": seed, "optim": d.to_dict(),
+                                # only what this kind reads: adding a beta to config.rg.betas
+                                # leaves every trained student restorable
+                                "lrm": ({k: r[k] for k in ("lrm_beta", "rm_batch_size",
+                                                           "lrm_learning_rate", "mode",
+                                                           "temperature")}
+                                        if kind == "rg_lrm" else None)},
                    ckpt_every=d.steps, extra=extra, fast_compile=config.fast_compile,
                    progress=progress, label=label or kind)
     out = jax.device_get(state.ema_params)
