@@ -126,6 +126,17 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
+class ConvNormAct(nnx.Module):
+    """conv3x3 -> GroupNorm -> SiLU (the stages of the classifier and the CLIP image tower)."""
+
+    def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
+        self.conv = conv(c_in, c_out, rngs=rngs)
+        self.norm = GroupNorm(c_out, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nnx.silu(self.norm(self.conv(x)))
+
+
 class ResBlock(nnx.Module):
     """DDPM / ADM residual block with time-embedding conditioning.
 

@@ -11,18 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nets._layers import GroupNorm, conv, dense, dropout
+from nets._layers import ConvNormAct, dense, dropout
 
 __all__ = ["Classifier"]
-
-
-class _ConvNormAct(nnx.Module):
-    def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
-        self.conv = conv(c_in, c_out, rngs=rngs)
-        self.norm = GroupNorm(c_out, rngs=rngs)
-
-    def __call__(self, x):
-        return nnx.silu(self.norm(self.conv(x)))
 
 
 class Classifier(nnx.Module):
@@ -72,7 +63,7 @@ class Classifier(nnx.Module):
         c_in, c, size = in_channels, width, image_size
         while True:
             stages.append(
-                nnx.List([_ConvNormAct(c_in, c, rngs=rngs), _ConvNormAct(c, c, rngs=rngs)])
+                nnx.List([ConvNormAct(c_in, c, rngs=rngs), ConvNormAct(c, c, rngs=rngs)])
             )
             pool = size > 4 and size % 2 == 0
             pools.append(pool)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nets._layers import GroupNorm, conv, dense
+from nets._layers import ConvNormAct, dense
 from nets.text import TextEncoder, TextEncoderConfig
 
 __all__ = ["ContrastiveConfig", "ContrastiveModel"]
@@ -65,15 +65,6 @@ class ContrastiveConfig:
             )
 
 
-class _ConvNormAct(nnx.Module):
-    def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
-        self.conv = conv(c_in, c_out, rngs=rngs)
-        self.norm = GroupNorm(c_out, rngs=rngs)
-
-    def __call__(self, x):
-        return nnx.silu(self.norm(self.conv(x)))
-
-
 def _l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), 1e-24))
 
@@ -99,7 +90,7 @@ class ContrastiveModel(nnx.Module):
         c_in, c, size = config.in_channels, config.image_width, config.image_size
         while True:
             stages.append(
-                nnx.List([_ConvNormAct(c_in, c, rngs=rngs), _ConvNormAct(c, c, rngs=rngs)])
+                nnx.List([ConvNormAct(c_in, c, rngs=rngs), ConvNormAct(c, c, rngs=rngs)])
             )
             pool = size > 4 and size % 2 == 0
             pools.append(pool)
