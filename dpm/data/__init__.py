@@ -51,7 +51,24 @@ from dpm.data.captions import (
     normalize_caption,
 )
 from dpm.data.digits import load_digits
-from dpm.data.faces import load_lfw_faces
+from dpm.data.faces import (
+    FACE_LABELS,
+    FACE_REGION,
+    HEAD_REGION,
+    IDENTITY_TRAIT_NAMES,
+    LANDMARK_NAMES,
+    NUISANCE_NAMES,
+    augment_source,
+    face_dataset,
+    face_only,
+    load_celebamask_hq,
+    load_lfw_faces,
+    region_mask,
+    render_faces,
+    sample_identities,
+    sample_nuisance,
+    tps_warp,
+)
 from dpm.data.files import IMAGE_EXTENSIONS, folder_class_names, load_image_folder, load_npz
 from dpm.data.iterator import BatchIterator
 from dpm.data.speech import (
@@ -77,6 +94,21 @@ __all__ = [
     "CAPTION_TEMPLATES",
     "CaptionVocab",
     "DIGIT_NAMES",
+    "FACE_LABELS",
+    "FACE_REGION",
+    "HEAD_REGION",
+    "IDENTITY_TRAIT_NAMES",
+    "LANDMARK_NAMES",
+    "NUISANCE_NAMES",
+    "augment_source",
+    "face_dataset",
+    "face_only",
+    "load_celebamask_hq",
+    "region_mask",
+    "render_faces",
+    "sample_identities",
+    "sample_nuisance",
+    "tps_warp",
     "attribute_thresholds",
     "attribute_words",
     "caption_dataset",
