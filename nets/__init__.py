@@ -17,6 +17,15 @@ from nets.autoencoder import (
 from nets.classifier import Classifier
 from nets.clip import ContrastiveConfig, ContrastiveModel
 from nets.diffnet import DiffNet, DiffNetConfig, diffnet_prodiff, diffnet_small
+from nets.face import (
+    FaceConditioner,
+    FaceConditionerConfig,
+    FaceEncoder,
+    FaceEncoderConfig,
+    face_encoder_small,
+    reface_conditioner_paper,
+    reface_conditioner_small,
+)
 from nets.fastspeech2 import (
     FastSpeech2,
     FastSpeech2Config,
@@ -80,4 +89,11 @@ __all__ = [
     "ContrastiveModel",
     "TextEncoder",
     "TextEncoderConfig",
+    "FaceConditioner",
+    "FaceConditionerConfig",
+    "FaceEncoder",
+    "FaceEncoderConfig",
+    "face_encoder_small",
+    "reface_conditioner_paper",
+    "reface_conditioner_small",
 ]

@@ -321,3 +321,41 @@ def count_params(module: nnx.Module) -> int:
     """Number of scalar parameters (`nnx.Param`) in `module`; works on `nnx.eval_shape` output."""
     state = nnx.state(module, nnx.Param)
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
+
+
+def layer_norm(d: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm with float32 parameters and statistics (the output follows them)."""
+    return nnx.LayerNorm(d, epsilon=1e-5, param_dtype=jnp.float32, rngs=rngs)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """``x / |x|`` along the last axis (a zero vector stays zero)."""
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), 1e-24))
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)) (the text encoder's and
+    the face conditioner's mapper)."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: int, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        d, dt = width, dtype
+        self.num_heads = num_heads
+        self.norm1 = layer_norm(d, rngs)
+        self.qkv = dense(d, 3 * d, dtype=dt, rngs=rngs)
+        self.proj = dense(d, d, dtype=dt, rngs=rngs)
+        self.norm2 = layer_norm(d, rngs)
+        self.fc1 = dense(d, mlp_ratio * d, dtype=dt, rngs=rngs)
+        self.fc2 = dense(mlp_ratio * d, d, dtype=dt, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """x: (B, L, D) float32, mask: (B, L) bool (True = real token) -> (B, L, D) float32."""
+        b, l, d = x.shape
+        n = self.num_heads
+        qkv = self.qkv(self.norm1(x)).reshape(b, l, 3, n, d // n)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # key padding mask (B, 1, 1, L): every query attends to the real tokens only
+        h = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+        x = x + self.proj(h.reshape(b, l, d)).astype(jnp.float32)
+        h = self.fc2(jax.nn.gelu(self.fc1(self.norm2(x))))
+        return x + h.astype(jnp.float32)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nets._layers import ConvNormAct, dense
+from nets._layers import ConvNormAct, dense, l2_normalize
 from nets.text import TextEncoder, TextEncoderConfig
 
 __all__ = ["ContrastiveConfig", "ContrastiveModel"]
@@ -63,10 +63,6 @@ class ContrastiveConfig:
                 f"init_logit_scale must be finite with exp(init_logit_scale) <= max_logit_scale="
                 f"{self.max_logit_scale}, got {self.init_logit_scale}"
             )
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), 1e-24))
 
 
 class ContrastiveModel(nnx.Module):
@@ -123,12 +119,12 @@ class ContrastiveModel(nnx.Module):
             if pool:
                 b, hh, ww, c = h.shape
                 h = jnp.mean(h.reshape(b, hh // 2, 2, ww // 2, 2, c), axis=(2, 4))
-        return _l2_normalize(self.image_proj(jnp.mean(h, axis=(1, 2))))
+        return l2_normalize(self.image_proj(jnp.mean(h, axis=(1, 2))))
 
     def embed_text(self, tokens: jax.Array) -> jax.Array:
         """Text embeddings. tokens: (B, L) int -> (B, E), unit norm (projected eos feature)."""
         _, _, pooled = self.text(tokens)
-        return _l2_normalize(self.text_proj(pooled))
+        return l2_normalize(self.text_proj(pooled))
 
     def logit_scale(self) -> jax.Array:
         """The contrastive temperature's inverse: ``min(exp(log_scale), max_logit_scale)``, ()."""

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nets._layers import dense
+from nets._layers import TransformerBlock, layer_norm
 
 __all__ = ["EOS_ID", "PAD_ID", "TextEncoder", "TextEncoderConfig"]
 
@@ -69,37 +69,6 @@ class TextEncoderConfig:
             raise ValueError(f"dtype must be a floating dtype, got {self.dtype}")
 
 
-def _layer_norm(d: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # float32 parameters and statistics (the output follows the float32 parameters)
-    return nnx.LayerNorm(d, epsilon=1e-5, param_dtype=jnp.float32, rngs=rngs)
-
-
-class _Block(nnx.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
-
-    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
-        d, dt = cfg.width, cfg.dtype
-        self.num_heads = cfg.num_heads
-        self.norm1 = _layer_norm(d, rngs)
-        self.qkv = dense(d, 3 * d, dtype=dt, rngs=rngs)
-        self.proj = dense(d, d, dtype=dt, rngs=rngs)
-        self.norm2 = _layer_norm(d, rngs)
-        self.fc1 = dense(d, cfg.mlp_ratio * d, dtype=dt, rngs=rngs)
-        self.fc2 = dense(cfg.mlp_ratio * d, d, dtype=dt, rngs=rngs)
-
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: (B, L, D) float32, mask: (B, L) bool (True = real token) -> (B, L, D) float32."""
-        b, l, d = x.shape
-        n = self.num_heads
-        qkv = self.qkv(self.norm1(x)).reshape(b, l, 3, n, d // n)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # key padding mask (B, 1, 1, L): every query attends to the real tokens only
-        h = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
-        x = x + self.proj(h.reshape(b, l, d)).astype(jnp.float32)
-        h = self.fc2(jax.nn.gelu(self.fc1(self.norm2(x))))
-        return x + h.astype(jnp.float32)
-
-
 class TextEncoder(nnx.Module):
     """Transformer text encoder ``tokens (B, L) -> (features, mask, pooled)``.
 
@@ -118,8 +87,11 @@ class TextEncoder(nnx.Module):
         d = config.width
         self.token_embed = nnx.Param(_embed_init(rngs.params(), (config.vocab_size, d)))
         self.pos_embed = nnx.Param(_embed_init(rngs.params(), (config.max_len, d)))
-        self.blocks = nnx.List([_Block(config, rngs=rngs) for _ in range(config.depth)])
-        self.norm = _layer_norm(d, rngs)
+        self.blocks = nnx.List([
+            TransformerBlock(d, config.num_heads, config.mlp_ratio, dtype=config.dtype, rngs=rngs)
+            for _ in range(config.depth)
+        ])
+        self.norm = layer_norm(d, rngs)
 
     def _check_tokens(self, tokens: jax.Array) -> jax.Array:
         cfg = self.config

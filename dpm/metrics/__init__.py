@@ -1,6 +1,6 @@
 """Metrics: distribution distances on samples or features (FD, KID, k-NN precision / recall),
 label adherence, image fidelity and spectra (PSNR, SSIM, HFER), and mel-spectrogram metrics
-(L1, SSIM, sharpness) with the real-time factor.
+(L1, SSIM, sharpness) with the real-time factor, and identity retrieval (top-k).
 
 No feature network lives here: experiments compute features (e.g. with a classifier trained in
 the project) and pass them in.
@@ -13,6 +13,7 @@ from dpm.metrics.distribution import (
     mmd_rbf,
     sliced_wasserstein,
 )
+from dpm.metrics.identity import identity_retrieval
 from dpm.metrics.image import gaussian_window, psnr, ssim
 from dpm.metrics.sample_quality import kid, label_accuracy, precision_recall
 from dpm.metrics.spectral import HFER_CUTOFF, hfer
@@ -23,6 +24,7 @@ __all__ = [
     "frechet_distance_from_features",
     "gaussian_window",
     "hfer",
+    "identity_retrieval",
     "kid",
     "label_accuracy",
     "mel_l1",
