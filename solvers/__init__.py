@@ -7,8 +7,9 @@ from solvers.ddim import ddim, ddim_invert
 from solvers.ddpm import ddpm
 from solvers.diffusevae import diffusevae_sample
 from solvers.dpm_solver import dpm_solver, dpm_solver_fast_orders, dpm_solver_pp
-from solvers.lcm import lcm, lcm_grid, lcm_timesteps
 from solvers.edm import edm_euler, edm_heun, edm_stochastic
+from solvers.inpaint import inpaint, paste_back
+from solvers.lcm import lcm, lcm_grid, lcm_timesteps
 from solvers.pndm import pndm
 from solvers.progressive import pd_stochastic
 from solvers.time_shift import TimeShift, select_shifted_time, time_shift
@@ -31,9 +32,11 @@ __all__ = [
     "edm_euler",
     "edm_heun",
     "edm_stochastic",
+    "inpaint",
     "lcm",
     "lcm_grid",
     "lcm_timesteps",
+    "paste_back",
     "pd_stochastic",
     "pndm",
     "select_shifted_time",

@@ -30,6 +30,7 @@ from dpm.losses.denoising import (
     log_weight,
     sample_time,
 )
+from dpm.losses.identity import arcface_loss, cosine_distance
 from dpm.losses.prodiff import (
     VARIANCE_WEIGHTS,
     fastspeech2_variance_loss,
@@ -44,6 +45,16 @@ from dpm.losses.progressive import (
     distillation_target,
     progressive_distillation_loss,
     student_times,
+)
+from dpm.losses.reface import (
+    ReFaceTerms,
+    ddim_unroll,
+    multiscale_l1,
+    reface_terms,
+    restrict,
+    shuffle_masks,
+    swap_partner,
+    unrolled_times,
 )
 from dpm.losses.reward import (
     PREFERENCE_MODES,
@@ -63,6 +74,14 @@ from dpm.losses.scale import (
 from dpm.losses.vae import beta_vae_loss, gaussian_kl
 
 __all__ = [
+    "ReFaceTerms",
+    "ddim_unroll",
+    "multiscale_l1",
+    "reface_terms",
+    "restrict",
+    "shuffle_masks",
+    "swap_partner",
+    "unrolled_times",
     "DISTANCES",
     "LCDTerms",
     "PREFERENCE_MODES",
@@ -111,4 +130,6 @@ __all__ = [
     "measure_scale_factor",
     "progressive_distillation_loss",
     "student_times",
+    "arcface_loss",
+    "cosine_distance",
 ]
