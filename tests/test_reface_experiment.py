@@ -1,0 +1,124 @@
+"""The REFace experiment: bad configs fail before any work; a smoke run trains the encoders,
+the base and every rung of the ladder, swaps and grades face and head swaps, resumes for free,
+writes the report; the swap command works on a user's files and refuses bad ones."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import reface as R
+
+
+def _smoke_config():
+    c = R.get_config()
+    c.fast_compile = True
+    c.seeds = (0, 1)
+    c.data.update(n_identities=12, test_identities=4, images_per_identity=8, size=16)
+    c.encoders.update(steps=2, batch_size=16, width=8, embed_dim=16)
+    c.model.update(base_channels=8, channel_mult=(1, 2), width=16, heads=2, mapper_layers=1)
+    # the base's optimizer settings equal the rungs': rung A reuses the base's compiled step
+    c.finetune.update(steps=2, batch_size=16, unroll_steps=1, unroll_examples=4)
+    c.base.update(steps=2, batch_size=16, learning_rate=c.finetune.learning_rate,
+                  warmup_steps=c.finetune.warmup_steps, ema_decay=c.finetune.ema_decay)
+    c.sample.update(steps=2, num_pairs=8, figure_pairs=4, kid_subsets=5)
+    return c
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("data.size", 40, "data.size"),
+        ("data.test_identities", 200, "test_identities"),
+        ("finetune.head_rate", 1.5, "finetune.head_rate"),
+        ("finetune.unroll_steps", 0, "finetune.unroll_steps"),
+        ("sample.steps", 2000, "sample.steps"),
+        ("model.heads", 3, "model.heads"),
+        ("model.channel_mult", (1, 2, 2, 2, 2, 2, 2), "channel_mult"),
+        ("encoders.batch_size", 12, "multiple of the 8 devices"),
+        ("seeds", (), "seeds"),
+    ],
+)
+def test_bad_config_is_named_before_any_work(tmp_path, key, value, match):
+    c = R.get_config()
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=match):
+        R.train_and_evaluate(c, str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
+def _save(path, x):
+    Image.fromarray(np.round((x + 1) * 127.5).clip(0, 255).astype(np.uint8)).save(path)
+
+
+def test_reface_experiment_smoke_resume_and_swap(tmp_path):
+    c = _smoke_config()
+    work = str(tmp_path / "run")
+    report = R.train_and_evaluate(c, work, progress=False, log=lambda *_: None)
+    q = report["quality"]
+    assert len(q) == len(R.VARIANTS) * len(R.MASKS)
+    for name, row in q.items():
+        for metric, cell in row.items():
+            assert len(cell["values"]) == 2 and np.all(np.isfinite(cell["values"])), (name,
+                                                                                        metric)
+        assert 0.0 <= row["id_top1"]["mean"] <= row["id_top5"]["mean"] <= 1.0
+        assert ("hair_err_vs_source" in row) == name.endswith("(head mask)")
+    refs = report["references"]
+    # the untouched target is its own identity: it never retrieves the source's better than
+    # the source image itself
+    assert refs["source image (ceiling, face)"]["id_top1"] >= 0.0
+    assert report["finetune"]["steps"] == {v: 2 for v in R.VARIANTS}
+    assert len(report["verdict"]) == 5
+    assert os.path.exists(os.path.join(work, "swaps.png"))
+    with open(os.path.join(work, "report.md")) as f:
+        md = f.read()
+    assert "REFace in miniature" in md and "in-project proxies" in md
+
+    # resumes for free: every network restored, every cell cached, the same numbers
+    again = R.train_and_evaluate(c, work, progress=False, log=lambda *_: None)
+    assert again["quality"] == q
+
+    # the swap command on a user's files (a finished run needs config.json, as the CLI saves)
+    import json
+
+    with open(os.path.join(work, "config.json"), "w") as f:
+        json.dump(c.to_dict(), f)
+    data = R.load_data(c)
+    p = data.pool
+    files = {}
+    for name, i in (("source", 0), ("target", 5)):
+        _save(tmp_path / f"{name}.png", p["x"][i])
+        Image.fromarray(p["labels"][i]).save(tmp_path / f"{name}_labels.png")
+        files[name] = str(tmp_path / f"{name}.png")
+        files[name + "_labels"] = str(tmp_path / f"{name}_labels.png")
+    out = R.swap_files(work, files["source"], files["source_labels"], files["target"],
+                       files["target_labels"], str(tmp_path / "out.png"), mask="head")
+    x_t, lab_t = R.read_face(files["target"], files["target_labels"], 16)
+    keep = R.region_mask(lab_t[None], "head")[0, ..., 0] > 0.5
+    np.testing.assert_array_equal(out[keep], x_t[keep])  # paste-back: exact outside the mask
+    assert not np.allclose(out[~keep], x_t[~keep])
+    with Image.open(tmp_path / "out.png") as im:
+        assert im.size == (16, 16)
+
+    # bad input is one clear error
+    blank = tmp_path / "blank_labels.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(blank)
+    with pytest.raises(ValueError, match="no face pixel"):
+        R.swap_files(work, files["source"], str(blank), files["target"],
+                     files["target_labels"], str(tmp_path / "o.png"))
+    with pytest.raises(ValueError, match="mask must be one of"):
+        R.swap_files(work, files["source"], files["source_labels"], files["target"],
+                     files["target_labels"], str(tmp_path / "o.png"), mask="hair")
+    with pytest.raises(ValueError, match="no finished reface run"):
+        R.swap_files(str(tmp_path / "nothing"), files["source"], files["source_labels"],
+                     files["target"], files["target_labels"], str(tmp_path / "o.png"))
+    rgb = tmp_path / "rgb_labels.png"
+    _save(rgb, p["x"][0])
+    with pytest.raises(ValueError, match="single-channel"):
+        R.swap_files(work, files["source"], str(rgb), files["target"],
+                     files["target_labels"], str(tmp_path / "o.png"))
