@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from dpm.denoiser import Denoiser, expand_like
 from dpm.losses.denoising import diffuse, sample_time
+from dpm.losses.identity import cosine_distance
 from dpm.losses.progressive import ddim_step
 
 Array = jax.Array
@@ -267,12 +268,10 @@ def reface_terms(
     images = jax.vmap(decode)(x0_hats)  # (S, k, H, W, C)
     target, face_region = target[:k], face_region[:k]
     src = source_identity[:k]
-    src = src / jnp.linalg.norm(src, axis=-1, keepdims=True).clip(1e-8)
 
     def per_step(img):
         e = identity_fn(restrict(img, face_region, fill))
-        e = e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-8)
-        return 1.0 - jnp.sum(e * src, axis=-1), perceptual_fn(img, target)
+        return cosine_distance(e, src), perceptual_fn(img, target)
 
     id_k, perc_k = jax.vmap(per_step)(images)
     pad = lambda a: jnp.concatenate([a, jnp.zeros((B - k,), a.dtype)])  # noqa: E731
