@@ -17,7 +17,17 @@ from dpm.denoiser import (
 )
 from dpm.losses import denoising_loss, diffuse
 from dpm.oracle import GaussianMixture
-from dpm.schedules import EDM, CosineLogSNR, CosineVP, DiscreteVP, LinearVP, Schedule, make_betas
+from dpm.schedules import (
+    EDM,
+    CosineLogSNR,
+    CosineVP,
+    DiscreteVP,
+    LinearVP,
+    Schedule,
+    ddgan_betas,
+    ddgan_schedule,
+    make_betas,
+)
 from dpm.training import Checkpointer, TrainState
 
 __all__ = [
@@ -37,6 +47,8 @@ __all__ = [
     "Schedule",
     "TrainState",
     "classifier_free_guidance",
+    "ddgan_betas",
+    "ddgan_schedule",
     "clip_x0",
     "denoising_loss",
     "diffuse",

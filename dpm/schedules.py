@@ -33,6 +33,8 @@ __all__ = [
     "CosineLogSNR",
     "EDM",
     "make_betas",
+    "ddgan_betas",
+    "ddgan_schedule",
 ]
 
 
@@ -299,6 +301,57 @@ class DiscreteVP(Schedule):
     def c_noise(self, t: Array) -> Array:
         """The network's time input: the (continuous) training index ``t N - 1``."""
         return self.index_of_t(t)
+
+
+def ddgan_betas(
+    num_steps: int = 10, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-3
+) -> np.ndarray:
+    """The betas of DDGAN's VP discretisation (Xiao et al. 2022, ``get_sigma_schedule``), in
+    float64, without DDGAN's dummy first entry.
+
+    ``t_i = eps + (1 - eps) i / T`` for ``i = 0..T``, ``alpha_bar(t) = exp(-t^2 (beta_max -
+    beta_min) / 2 - t beta_min)`` and ``beta_i = 1 - alpha_bar(t_i) / alpha_bar(t_{i-1})``,
+    ``i = 1..T``. DDGAN prepends ``beta_0 = 1e-8``, which its posterior coefficients drop and
+    which rounds away in its float32 ``sqrt(1 - beta_0)``; so ``cumprod(1 - betas)[k - 1] =
+    alpha_bar(t_k) / alpha_bar(t_0)``, exactly DDGAN's ``alphas_cumprod[k - 1]``.
+
+    Args:
+      num_steps: ``T >= 2``, the number of (large) steps.
+      beta_min, beta_max: the VP-SDE's ``0 < beta_min < beta_max``.
+      eps: the smallest time ``t_0``, ``0 <= eps < 1``.
+
+    Returns:
+      ``betas``, shape ``(T,)``, float64; ``betas[k - 1]`` is DDGAN's ``beta_k``.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer) or num_steps < 2:
+        raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    if not 0 < float(beta_min) < float(beta_max) < math.inf:
+        raise ValueError(
+            f"ddgan_betas needs 0 < beta_min < beta_max < inf; got beta_min={beta_min!r}, "
+            f"beta_max={beta_max!r}"
+        )
+    if not 0 <= float(eps) < 1:
+        raise ValueError(f"eps must lie in [0, 1); got {eps!r}")
+    t = float(eps) + (1.0 - float(eps)) * np.arange(num_steps + 1, dtype=np.float64) / num_steps
+    log_alpha_bar = -0.5 * t**2 * (float(beta_max) - float(beta_min)) - t * float(beta_min)
+    return -np.expm1(np.diff(log_alpha_bar))
+
+
+def ddgan_schedule(
+    num_steps: int = 10, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-3
+) -> DiscreteVP:
+    """DDGAN's ``T``-step VP discretisation (spec 3.4) as a :class:`DiscreteVP`.
+
+    Grid point ``k - 1`` (time ``k / T``) is DDGAN's index ``k`` (``alpha_bar = alpha_bar(t_k)
+    / alpha_bar(t_0)``); DDGAN's index 0 is ``t = 0`` (clean data). A network's time input
+    ``c_noise(k / T) = k - 1`` is DDGAN's integer ``t`` of the step ``x_k -> x_{k-1}``.
+
+    Args: as :func:`ddgan_betas`.
+
+    Returns:
+      ``DiscreteVP.from_betas(ddgan_betas(num_steps, beta_min, beta_max, eps))``.
+    """
+    return DiscreteVP.from_betas(ddgan_betas(num_steps, beta_min, beta_max, eps))
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ each one ``lax.scan`` over a time grid made outside it (:mod:`solvers.grids`).""
 
 from solvers import grids
 from solvers.bdia import BDIAPair, bdia_ddim, bdia_edm, bdia_edm_invert, bdia_invert
+from solvers.ddgan import ddgan, ddgan_grid
 from solvers.ddim import ddim, ddim_invert
 from solvers.ddpm import ddpm
 from solvers.diffusevae import diffusevae_sample
@@ -22,6 +23,8 @@ __all__ = [
     "bdia_edm",
     "bdia_edm_invert",
     "bdia_invert",
+    "ddgan",
+    "ddgan_grid",
     "ddim",
     "ddim_invert",
     "ddpm",

@@ -39,6 +39,7 @@ __all__ = [
     "prepare",
     "run_scan",
     "finish",
+    "posterior_coeffs",
     "ddim_map",
     "transfer_coeffs",
     "transfer",
@@ -284,8 +285,28 @@ def finish(x_start: Array, x_end: Array, traj: Any, nfe: Any, *, return_trajecto
 
 
 # --------------------------------------------------------------------------------------------
-# DDIM's map (DDIM, DDPM, PNDM, BDIA-DDIM) and the Time-Shift target
+# DDPM's posterior (DDPM, DDGAN), DDIM's map (DDIM, DDPM, PNDM, BDIA-DDIM), the Time-Shift target
 # --------------------------------------------------------------------------------------------
+
+
+def posterior_coeffs(schedule: Schedule, s: Array, t: Array, variance: str = "fixed_small"):
+    """``(c_x0, c_x, var)`` of the posterior ``q(x_t | x_s, x0) = N(c_x0 x0 + c_x x_s, var)``
+    of a step ``s -> t`` (``t < s``); DDPM's and DDGAN's ancestral step.
+
+    With ``r = 1 - (alpha_s sigma_t / (alpha_t sigma_s))^2`` (VP: ``r = beta' / (1 - alpha_bar_s)``,
+    ``beta' = 1 - alpha_bar_s / alpha_bar_t``): ``c_x0 = alpha_t r``, ``c_x = (alpha_s /
+    alpha_t)(sigma_t / sigma_s)^2``, ``fixed_small = sigma_t^2 r`` (beta tilde), ``fixed_large =
+    sigma_s^2 r`` (beta'). Valid for any schedule (VDM form); ``t = 0`` gives ``(1, 0, 0)``.
+    ``s``, ``t`` broadcast; ``variance`` is ``"fixed_small"`` or ``"fixed_large"``.
+    """
+    la_s, ls_s = schedule.log_alpha(s), schedule.log_sigma(s)
+    la_t, ls_t = schedule.log_alpha(t), schedule.log_sigma(t)
+    lam_s, lam_t = la_s - ls_s, la_t - ls_t
+    r = -jnp.expm1(2.0 * (lam_s - lam_t))
+    c_x0 = jnp.exp(la_t) * r
+    c_x = jnp.exp(la_s - la_t + 2.0 * (ls_t - ls_s))
+    var = jnp.exp(2.0 * (ls_t if variance == "fixed_small" else ls_s)) * r
+    return c_x0, c_x, var
 
 
 def ddim_map(x_s: Array, x0: Array, eps: Array, a_t: Array, s_t: Array) -> Array:

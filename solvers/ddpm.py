@@ -11,6 +11,7 @@ from solvers._common import (
     check_choice,
     check_time_shift,
     finish,
+    posterior_coeffs,
     prepare,
     require_key,
     run_scan,
@@ -21,24 +22,6 @@ from solvers.time_shift import TimeShift
 __all__ = ["ddpm", "VARIANCES"]
 
 VARIANCES = ("fixed_small", "fixed_large")
-
-
-def _posterior_coeffs(schedule, s: Array, t: Array, variance: str):
-    """``(c_x0, c_x, var)`` of the posterior ``q(x_t | x_s, x0) = N(c_x0 x0 + c_x x_s, var)``.
-
-    With ``r = 1 - (alpha_s sigma_t / (alpha_t sigma_s))^2`` (VP: ``r = beta' / (1 - alpha_bar_s)``,
-    ``beta' = 1 - alpha_bar_s / alpha_bar_t``): ``c_x0 = alpha_t r``, ``c_x = (alpha_s /
-    alpha_t)(sigma_t / sigma_s)^2``, ``fixed_small = sigma_t^2 r`` (beta tilde), ``fixed_large =
-    sigma_s^2 r`` (beta'). Valid for any schedule (VDM form); ``t = 0`` gives ``(1, 0, 0)``.
-    """
-    la_s, ls_s = schedule.log_alpha(s), schedule.log_sigma(s)
-    la_t, ls_t = schedule.log_alpha(t), schedule.log_sigma(t)
-    lam_s, lam_t = la_s - ls_s, la_t - ls_t
-    r = -jnp.expm1(2.0 * (lam_s - lam_t))
-    c_x0 = jnp.exp(la_t) * r
-    c_x = jnp.exp(la_s - la_t + 2.0 * (ls_t - ls_s))
-    var = jnp.exp(2.0 * (ls_t if variance == "fixed_small" else ls_s)) * r
-    return c_x0, c_x, var
 
 
 def ddpm(
@@ -89,7 +72,7 @@ def ddpm(
     shifted = check_time_shift(time_shift)
     sched = denoiser.schedule
     s, t = gc.t[:-1], gc.t[1:]
-    c_x0, c_x, var = _posterior_coeffs(sched, s, t, variance)
+    c_x0, c_x, var = posterior_coeffs(sched, s, t, variance)
     noise = jnp.arange(S) < S - 1  # no noise on the last step
     xs = (jnp.arange(S), s, t, c_x0, c_x, var, noise, jax.random.split(key, S))
 
@@ -99,7 +82,7 @@ def ddpm(
         tau = t_i
         if shifted:  # time shift: per-example target tau
             tau = shift_target(sched, x, s_i, t_i, i, time_shift)
-            a0, ax, v = _posterior_coeffs(sched, s_i, tau, variance)
+            a0, ax, v = posterior_coeffs(sched, s_i, tau, variance)
         mean = expand_like(a0, x) * x0 + expand_like(ax, x) * x  # posterior mean mu_tilde
         z = jax.random.normal(k, x.shape, x.dtype)
         std = jnp.where(add_noise, jnp.sqrt(v), 0.0)

@@ -22,6 +22,22 @@ from dpm.losses.consistency import (
     skipping_timesteps,
 )
 from dpm.losses.contrastive import clip_loss, contrastive_logits_loss
+from dpm.losses.ddgan import (
+    GEOMETRIC_OPTIONS,
+    DDGANDTerms,
+    DDGANGTerms,
+    DDGANPair,
+    GeometricTerms,
+    ddgan_d_loss,
+    ddgan_g_loss,
+    ddgan_pair,
+    ddgan_posterior,
+    geometric_loss,
+    nonsaturating_d_loss,
+    nonsaturating_g_loss,
+    posterior_sample,
+    r1_penalty,
+)
 from dpm.losses.denoising import (
     TIME_SAMPLERS,
     WEIGHTINGS,
@@ -74,6 +90,20 @@ from dpm.losses.scale import (
 from dpm.losses.vae import beta_vae_loss, gaussian_kl
 
 __all__ = [
+    "GEOMETRIC_OPTIONS",
+    "DDGANDTerms",
+    "DDGANGTerms",
+    "DDGANPair",
+    "GeometricTerms",
+    "ddgan_d_loss",
+    "ddgan_g_loss",
+    "ddgan_pair",
+    "ddgan_posterior",
+    "geometric_loss",
+    "nonsaturating_d_loss",
+    "nonsaturating_g_loss",
+    "posterior_sample",
+    "r1_penalty",
     "ReFaceTerms",
     "ddim_unroll",
     "multiscale_l1",

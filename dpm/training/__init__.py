@@ -1,8 +1,9 @@
 """Training machinery: the train state, optimizer and EMA (optax), the jitted data-parallel
-train step, device meshes and sharding, atomic, verified, resumable checkpoints, and the
-workdir lock (one writer per run)."""
+train step (and the two-network GAN step), device meshes and sharding, atomic, verified,
+resumable checkpoints, and the workdir lock (one writer per run)."""
 
 from dpm.training.checkpoint import Checkpointer
+from dpm.training.gan import gan_optimizers, init_gan_state, make_gan_step
 from dpm.training.sharding import (
     batch_sharding,
     initialize_distributed,
@@ -39,9 +40,12 @@ __all__ = [
     "edm_ema_decay",
     "ema_update",
     "fast_compile_options",
+    "gan_optimizers",
+    "init_gan_state",
     "init_train_state",
     "initialize_distributed",
     "jit_train_step",
+    "make_gan_step",
     "make_lr_schedule",
     "make_mesh",
     "make_optimizer",
