@@ -34,6 +34,21 @@ from nets.fastspeech2 import (
     length_regulate,
 )
 from nets.mlp import MLP
+from nets.motion import (
+    MotionDiscriminator,
+    MotionDiscriminatorConfig,
+    MotionEncoder,
+    MotionEncoderConfig,
+    MotionTextConfig,
+    MotionTextModel,
+    MotionTransformer,
+    MotionTransformerConfig,
+    ddgan_mlp_paper,
+    emdm_paper,
+    mdm_paper,
+    motion_disc_small,
+    motion_small,
+)
 from nets.text import TextEncoder, TextEncoderConfig
 from nets.unet import UNet, UNetConfig, count_params, ddpm_cifar10, small, tiny
 from nets.vae import (
@@ -96,4 +111,17 @@ __all__ = [
     "face_encoder_small",
     "reface_conditioner_paper",
     "reface_conditioner_small",
+    "MotionDiscriminator",
+    "MotionDiscriminatorConfig",
+    "MotionEncoder",
+    "MotionEncoderConfig",
+    "MotionTextConfig",
+    "MotionTextModel",
+    "MotionTransformer",
+    "MotionTransformerConfig",
+    "ddgan_mlp_paper",
+    "emdm_paper",
+    "mdm_paper",
+    "motion_disc_small",
+    "motion_small",
 ]
