@@ -315,6 +315,7 @@ def fit(
     on_step=None,
     max_skipped_fraction: float = 0.01,
     log=print,
+    step_choice=None,
 ) -> tuple[TrainState, int]:
     """Runs (or resumes) ``train_step`` to ``steps`` steps with atomic checkpoints in
     ``workdir/checkpoints`` and metrics in ``workdir/metrics.jsonl``.
@@ -328,7 +329,10 @@ def fit(
 
     Args:
       train_step: ``(state, batch, *extra) -> (state, metrics)`` (not jitted: jitted here,
-        data-parallel over ``mesh``).
+        data-parallel over ``mesh``), or a tuple of such step functions sharing one state
+        structure, ``step_choice(i)`` naming the one that takes step ``i`` (0-based): e.g. a
+        GAN step with and without its lazy R1 penalty, two compiled programs instead of a
+        branch inside one.
       state: the freshly initialised state (its structure is what a checkpoint must match);
         consumed: its buffers are donated to the train step.
       it: the batch iterator (its position is checkpointed).
@@ -347,12 +351,17 @@ def fit(
         fraction of ``steps`` had its update skipped for a non-finite loss or gradient: a run
         that learned nothing must not exit as a success.
       log: where messages go.
+      step_choice: ``(i) -> index`` into a tuple ``train_step`` (required with one; the
+        choice depends on the step index only, so a resumed run takes the same steps).
 
     Returns:
       ``(state, start)``: the final state and the step the run started (resumed) from.
     """
     if not 0.0 <= max_skipped_fraction <= 1.0:
         raise ValueError(f"max_skipped_fraction must be in [0, 1]; got {max_skipped_fraction!r}")
+    if isinstance(train_step, tuple) != (step_choice is not None):
+        raise ValueError("a tuple of train steps needs step_choice (and step_choice a tuple); "
+                         f"got {type(train_step).__name__} and step_choice={step_choice!r}")
     os.makedirs(workdir, exist_ok=True)
     # one writer per workdir (process 0 of a multi-process run writes for all)
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
@@ -361,12 +370,13 @@ def fit(
                            ckpt_every=ckpt_every, keep=keep, log_every=log_every, extra=extra,
                            fast_compile=fast_compile, progress=progress, label=label,
                            mesh=mesh, on_step=on_step,
-                           max_skipped_fraction=max_skipped_fraction, log=log)
+                           max_skipped_fraction=max_skipped_fraction, log=log,
+                           step_choice=step_choice)
 
 
 def _fit_locked(train_step, state, it, workdir, *, steps, ckpt_config, ckpt_every, keep,
                 log_every, extra, fast_compile, progress, label, mesh, on_step,
-                max_skipped_fraction, log):
+                max_skipped_fraction, log, step_choice=None):
     from rich.progress import (
         BarColumn,
         Progress,
@@ -380,7 +390,9 @@ def _fit_locked(train_step, state, it, workdir, *, steps, ckpt_config, ckpt_ever
     extra = tuple(replicate(e, mesh) for e in extra)
     # fast_compile: XLA backend optimisations off, for smoke runs (compiles in a fraction of the
     # time, steps run slower)
-    step_fn = _jitted_step(train_step, mesh, bool(fast_compile))
+    steps_fn = tuple(_jitted_step(f, mesh, bool(fast_compile)) for f in (
+        train_step if isinstance(train_step, tuple) else (train_step,)))
+    choice = step_choice if step_choice is not None else (lambda i: 0)
     metrics_log = _io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=ckpt_every,
                         keep=keep, config=ckpt_config)
@@ -416,7 +428,7 @@ def _fit_locked(train_step, state, it, workdir, *, steps, ckpt_config, ckpt_ever
         t_log, s_log = time.perf_counter(), start
         for step in range(start, steps):
             batch = shard_batch(next(it), mesh)
-            state, metrics = step_fn(state, batch, *extra)
+            state, metrics = steps_fn[choice(step)](state, batch, *extra)
             done = step + 1
             if done % log_every == 0 or done == steps:
                 m = jax.device_get(metrics)
