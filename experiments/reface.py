@@ -123,7 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
         perceptual_weight=0.1, head_rate=0.5))
     c.train = ml_collections.ConfigDict(dict(cond_dropout=0.2, warp_strength=0.1))
     c.sample = ml_collections.ConfigDict(dict(
-        steps=15, cfg_scale=3.0, num_pairs=200, figure_pairs=6, kid_subsets=50))
+        steps=15, cfg_scale=3.0, clip_x0=True, num_pairs=200, figure_pairs=6, kid_subsets=50))
     return c
 
 
@@ -211,6 +211,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if s.steps > SCHEDULE.num_steps:
         raise ValueError(f"config.sample.steps must be <= {SCHEDULE.num_steps}; got {s.steps!r}")
     _number("sample.cfg_scale", s.cfg_scale, 0.0)
+    if not isinstance(s.clip_x0, bool):
+        raise ValueError(f"config.sample.clip_x0 must be True or False; got {s.clip_x0!r}")
     _int("sample.num_pairs", s.num_pairs, 2)
     _int("sample.figure_pairs", s.figure_pairs)
     _int("sample.kid_subsets", s.kid_subsets)
@@ -632,7 +634,7 @@ def finetune_steps(config, data: Data, enc: Encoders, workdir: str, log=print) -
 
 
 @functools.cache
-def _swap_sampler(graphs: tuple, enc_graphs: tuple, steps: int, fast: bool):
+def _swap_sampler(graphs: tuple, enc_graphs: tuple, steps: int, clip: bool, fast: bool):
     (unet_g, cond_g), (gen_g, id_g) = graphs, enc_graphs
     ts = trailing(steps, SCHEDULE)
 
@@ -643,6 +645,8 @@ def _swap_sampler(graphs: tuple, enc_graphs: tuple, steps: int, fast: bool):
         image = jnp.concatenate([target * keep, keep], axis=-1)
         den = _denoiser(unet_g, params["unet"], {"image": image, "context": ctx})
         guided = dpm.classifier_free_guidance(den, scale, {"image": image, "context": null})
+        if clip:  # pixel-space DDIM's x0 clipping (DDPM's clip_sample) at every step
+            guided = dpm.clip_x0(guided)
         raw = jnp.clip(ddim(guided, noise, ts), -1.0, 1.0)
         return jnp.stack([raw, paste_back(raw, target, keep)], axis=1)
 
@@ -654,7 +658,7 @@ def swap(config, enc: Encoders, params, variant: str, target: np.ndarray, keep: 
     """Guided DDIM swaps ``(raw, pasted)`` of ``src`` crops into ``target`` outside ``keep``."""
     s = config.sample
     run = _swap_sampler(model_graphs(config), (enc.generic[0], enc.id_train[0]), int(s.steps),
-                        bool(config.fast_compile))
+                        bool(s.clip_x0), bool(config.fast_compile))
     use_target = _flags(config, variant)["use_target"]
     noise = np.random.default_rng(20_000 + seed).standard_normal(target.shape).astype(
         np.float32)
@@ -883,13 +887,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 
 
 def _finished_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(os.path.join(workdir, "report.json")) or not os.path.exists(path):
-        raise ValueError(f"workdir={workdir!r} holds no finished reface run (report.json and "
-                         "config.json): run `python -m experiments.reface --workdir "
-                         f"{workdir}` first")
+    """The config of the finished run in ``workdir`` (its report.json records it)."""
+    path = os.path.join(workdir, "report.json")
+    if not os.path.exists(path):
+        raise ValueError(f"workdir={workdir!r} holds no finished reface run (no report.json): "
+                         f"run `python -m experiments.reface --workdir {workdir}` first")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return ml_collections.ConfigDict(json.load(f)["data"]["config"])
 
 
 def read_face(image: str, labels: str, size: int) -> tuple[np.ndarray, np.ndarray]:
