@@ -288,7 +288,7 @@ def _sample_grid(trained: Trained, config, n: int, steps: int, key) -> np.ndarra
     return np.asarray(jax.jit(ddim)(den, x_T, ts))
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def _jitted_step(train_step, mesh, fast_compile: bool):
     # one compiled program per step function: a run resumed in the same process (or several
     # runs of one step) compiles once
