@@ -220,6 +220,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
               "figure_frames"):
         _int(f"sample.{k}", s[k])
     _int("sample.pool", s.pool, 2)
+    if s.timing_batch < 3:
+        raise ValueError(f"config.sample.timing_batch must be >= 3 (the figure's prompts); got "
+                         f"{s.timing_batch}")
     if s.num_eval < s.pool:
         raise ValueError(f"config.sample.num_eval must be >= sample.pool={s.pool}; got "
                          f"{s.num_eval}")
@@ -1108,11 +1111,14 @@ def figure(recipe: Recipe, models: dict, seed: int, path: str) -> str:
             r = real[0]
             n = int(data.test["length"][r])
             rows.append((f"real: {p}", data.test["joints"][r, :n]))
+    size = int(cfg.sample.timing_batch)  # padded to the graded chunk: no new compile
+    c_pad = np.concatenate([c, np.repeat(c[-1:], size - len(c), axis=0)])
+    m_pad = np.concatenate([mask, np.repeat(mask[-1:], size - len(c), axis=0)])
     for method in FIGURE_METHODS:
         variant, kind, _ = METHODS[method]
         g, params = models[variant, seed]
-        x = sample(cfg, g, params, variant, kind, method_steps(cfg, method), c, mask,
-                   data.train["xn"].shape[-1], seed=seed + 77, size=len(prompts))
+        x = sample(cfg, g, params, variant, kind, method_steps(cfg, method), c_pad, m_pad,
+                   data.train["xn"].shape[-1], seed=seed + 77, size=size)[: len(prompts)]
         j = joints_of(data, x, mask)
         rows += [(f"{method}: {p}", j[i]) for i, p in enumerate(prompts)]
     return draw_strip(path, rows, data.skeleton.parents, int(cfg.sample.figure_frames))

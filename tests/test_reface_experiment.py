@@ -14,7 +14,7 @@ from experiments import reface as R
 def _smoke_config():
     c = R.get_config()
     c.fast_compile = True
-    c.seeds = (0, 1)
+    c.seeds = (0,)
     c.data.update(n_identities=12, test_identities=4, images_per_identity=8, size=16)
     c.encoders.update(steps=2, batch_size=16, width=8, embed_dim=16)
     c.model.update(base_channels=8, channel_mult=(1, 2), width=16, heads=2, mapper_layers=1)
@@ -64,7 +64,7 @@ def test_reface_experiment_smoke_resume_and_swap(tmp_path):
     assert len(q) == len(R.VARIANTS) * len(R.MASKS)
     for name, row in q.items():
         for metric, cell in row.items():
-            assert len(cell["values"]) == 2 and np.all(np.isfinite(cell["values"])), (name,
+            assert len(cell["values"]) == 1 and np.all(np.isfinite(cell["values"])), (name,
                                                                                         metric)
         assert 0.0 <= row["id_top1"]["mean"] <= row["id_top5"]["mean"] <= 1.0
         assert ("hair_err_vs_source" in row) == name.endswith("(head mask)")
