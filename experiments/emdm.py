@@ -784,7 +784,7 @@ def train_variant(recipe: Recipe, variant: str, seed: int, workdir: str, *, step
     return graphs[0], jax.device_get(ema), time.perf_counter() - t0
 
 
-def measure_step_seconds(recipe: Recipe, variant: str, *, warm=2, n=8) -> float:
+def measure_step_seconds(recipe: Recipe, variant: str, *, warm=3, n=20) -> float:
     """Seconds per train iteration of a variant (median of ``n`` after ``warm``; a GAN
     iteration's lazy R1 counted at its rate). The programs are :func:`fit`'s own (compiled
     once for both)."""
