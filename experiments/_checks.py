@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["as_tuple", "int_values"]
+__all__ = ["as_tuple", "config_int", "config_number", "int_values"]
 
 
 def as_tuple(value) -> tuple:
@@ -27,3 +27,29 @@ def int_values(name: str, value, lo: int, hi: int | None = None) -> tuple[int, .
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name} must be integers {rng}; got {value!r}")
     return tuple(int(v) for v in vals)
+
+
+def config_number(name: str, value, low=None, high=None, *, open_low: bool = False) -> None:
+    """``config.<name>`` must be a number (not a bool) in ``[low, high]`` (``(low, high]`` with
+    ``open_low``; either bound None: unbounded).
+
+    Raises:
+      ValueError: naming ``config.<name>``, the value and the expected range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"config.{name} must be a number; got {value!r}")
+    if low is not None and (value < low or (open_low and value == low)):
+        raise ValueError(f"config.{name} must be {'>' if open_low else '>='} {low}; "
+                         f"got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"config.{name} must be <= {high}; got {value!r}")
+
+
+def config_int(name: str, value, low: int = 1) -> None:
+    """``config.<name>`` must be an int (not a bool) ``>= low``.
+
+    Raises:
+      ValueError: naming ``config.<name>``, the value and the bound.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"config.{name} must be an int >= {low}; got {value!r}")

@@ -289,7 +289,7 @@ def _sample_grid(trained: Trained, config, n: int, steps: int, key) -> np.ndarra
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_step(train_step, mesh, fast_compile: bool):
+def jitted_step(train_step, mesh, fast_compile: bool):
     # one compiled program per step function: a run resumed in the same process (or several
     # runs of one step) compiles once
     opts = fast_compile_options() if fast_compile else None
@@ -390,7 +390,7 @@ def _fit_locked(train_step, state, it, workdir, *, steps, ckpt_config, ckpt_ever
     extra = tuple(replicate(e, mesh) for e in extra)
     # fast_compile: XLA backend optimisations off, for smoke runs (compiles in a fraction of the
     # time, steps run slower)
-    steps_fn = tuple(_jitted_step(f, mesh, bool(fast_compile)) for f in (
+    steps_fn = tuple(jitted_step(f, mesh, bool(fast_compile)) for f in (
         train_step if isinstance(train_step, tuple) else (train_step,)))
     choice = step_choice if step_choice is not None else (lambda i: 0)
     metrics_log = _io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))

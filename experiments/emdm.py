@@ -92,11 +92,11 @@ from dpm.training import (
     shard_batch,
 )
 from experiments import _io
-from experiments._checks import as_tuple, int_values
+from experiments._checks import as_tuple, config_int, config_number, int_values
 from experiments._cli import UsageError, run_experiment, user_errors
 from experiments._latent import batched, jit
 from experiments._report import markdown_table, over_seeds, write_report
-from experiments._runner import _jitted_step, fit
+from experiments._runner import fit, jitted_step
 
 __all__ = ["get_config", "check_config", "train_and_evaluate", "generate", "main"]
 
@@ -144,82 +144,67 @@ def get_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _number(name, value, low=None, high=None, *, open_low=False):
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"config.{name} must be a number; got {value!r}")
-    if low is not None and (value < low or (open_low and value == low)):
-        raise ValueError(f"config.{name} must be {'>' if open_low else '>='} {low}; "
-                         f"got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"config.{name} must be <= {high}; got {value!r}")
-
-
-def _int(name, value, low=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"config.{name} must be an int >= {low}; got {value!r}")
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Every setting checked before any work; errors name the key, the value, the choices."""
     d = config.data
     for k in ("n_train", "n_eval"):
-        _int(f"data.{k}", d[k], 64)
-    _int("data.n_test", d.n_test, 8)
-    _int("data.min_frames", d.min_frames, 8)
-    _int("data.max_frames", d.max_frames, d.min_frames)
-    _number("data.fps", d.fps, 0.0, open_low=True)
-    _int("data.seed", d.seed, 0)
+        config_int(f"data.{k}", d[k], 64)
+    config_int("data.n_test", d.n_test, 8)
+    config_int("data.min_frames", d.min_frames, 8)
+    config_int("data.max_frames", d.max_frames, d.min_frames)
+    config_number("data.fps", d.fps, 0.0, open_low=True)
+    config_int("data.seed", d.seed, 0)
     t = config.text
     for k in ("width", "depth", "heads", "embed_dim", "motion_width", "motion_depth", "steps"):
-        _int(f"text.{k}", t[k])
+        config_int(f"text.{k}", t[k])
     for sec in ("text", "train"):
-        _int(f"{sec}.batch_size", config[sec].batch_size, 2)
+        config_int(f"{sec}.batch_size", config[sec].batch_size, 2)
         if config[sec].batch_size % jax.device_count():
             raise ValueError(f"config.{sec}.batch_size must be a multiple of the "
                              f"{jax.device_count()} devices; got {config[sec].batch_size}")
-    _number("text.learning_rate", t.learning_rate, 0.0, open_low=True)
+    config_number("text.learning_rate", t.learning_rate, 0.0, open_low=True)
     m = config.model
     for k in ("d_model", "num_layers", "num_heads", "ff_dim", "latent_dim"):
-        _int(f"model.{k}", m[k])
+        config_int(f"model.{k}", m[k])
     if m.d_model % m.num_heads:
         raise ValueError(f"config.model.num_heads must divide model.d_model={m.d_model}; "
                          f"got {m.num_heads!r}")
-    _number("model.dropout", m.dropout, 0.0, 0.9)
-    _number("model.cond_dropout", m.cond_dropout, 0.0, 0.9)
+    config_number("model.dropout", m.dropout, 0.0, 0.9)
+    config_number("model.cond_dropout", m.cond_dropout, 0.0, 0.9)
     k = config.disc
     if k.kind not in ("mlp", "transformer"):
         raise ValueError(f"config.disc.kind must be 'mlp' or 'transformer'; got {k.kind!r}")
-    _int("disc.reduce_channels", k.reduce_channels)
+    config_int("disc.reduce_channels", k.reduce_channels)
     int_values("config.disc.hidden", k.hidden, 1)
     groups = int_values("config.disc.norm_groups", k.norm_groups, 0)
     if len(groups) != len(as_tuple(k.hidden)) or any(
             g and h % g for g, h in zip(groups, as_tuple(k.hidden), strict=False)):
         raise ValueError(f"config.disc.norm_groups must have one entry per hidden layer, each 0 "
                          f"or dividing its width {tuple(k.hidden)}; got {k.norm_groups!r}")
-    _int("disc.time_dim", k.time_dim, 2)
+    config_int("disc.time_dim", k.time_dim, 2)
     tr = config.train
-    _number("train.seconds", tr.seconds, 0.0, open_low=True)
-    _int("train.steps", tr.steps, 0)
-    _number("train.ema_decay", tr.ema_decay, 0.0, 0.99999)
-    _number("mdm.learning_rate", config.mdm.learning_rate, 0.0, open_low=True)
-    _int("mdm.num_steps", config.mdm.num_steps, 10)
+    config_number("train.seconds", tr.seconds, 0.0, open_low=True)
+    config_int("train.steps", tr.steps, 0)
+    config_number("train.ema_decay", tr.ema_decay, 0.0, 0.99999)
+    config_number("mdm.learning_rate", config.mdm.learning_rate, 0.0, open_low=True)
+    config_int("mdm.num_steps", config.mdm.num_steps, 10)
     e = config.emdm
-    _int("emdm.num_steps", e.num_steps, 2)
-    _int("emdm.alt_steps", e.alt_steps, 2)
+    config_int("emdm.num_steps", e.num_steps, 2)
+    config_int("emdm.alt_steps", e.alt_steps, 2)
     for name in ("lr_g", "lr_d"):
-        _number(f"emdm.{name}", e[name], 0.0, open_low=True)
-    _number("emdm.r1_gamma", e.r1_gamma, 0.0)
-    _int("emdm.r1_every", e.r1_every)
-    _number("emdm.rec_weight", e.rec_weight, 0.0, open_low=True)
-    _number("emdm.adv_weight", e.adv_weight, 0.0, open_low=True)
-    _number("a2m.seconds", config.a2m.seconds, 0.0, open_low=True)
-    _int("a2m.steps", config.a2m.steps, 0)
-    _number("a2m.foot_weight", config.a2m.foot_weight, 0.0, open_low=True)
+        config_number(f"emdm.{name}", e[name], 0.0, open_low=True)
+    config_number("emdm.r1_gamma", e.r1_gamma, 0.0)
+    config_int("emdm.r1_every", e.r1_every)
+    config_number("emdm.rec_weight", e.rec_weight, 0.0, open_low=True)
+    config_number("emdm.adv_weight", e.adv_weight, 0.0, open_low=True)
+    config_number("a2m.seconds", config.a2m.seconds, 0.0, open_low=True)
+    config_int("a2m.steps", config.a2m.steps, 0)
+    config_number("a2m.foot_weight", config.a2m.foot_weight, 0.0, open_low=True)
     s = config.sample
     for k in ("num_eval", "mode_samples", "mm_prompts", "mm_repeats", "timing_batch",
               "figure_frames"):
-        _int(f"sample.{k}", s[k])
-    _int("sample.pool", s.pool, 2)
+        config_int(f"sample.{k}", s[k])
+    config_int("sample.pool", s.pool, 2)
     if s.timing_batch < 3:
         raise ValueError(f"config.sample.timing_batch must be >= 3 (the figure's prompts); got "
                          f"{s.timing_batch}")
@@ -231,7 +216,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if s.num_eval > d.n_test:
         raise ValueError(f"config.sample.num_eval must be <= data.n_test={d.n_test} (one "
                          f"generation per test caption); got {s.num_eval}")
-    _number("sample.cfg_scale", s.cfg_scale, 0.0)
+    config_number("sample.cfg_scale", s.cfg_scale, 0.0)
     int_values("config.seeds", config.seeds, 0)
 
 
@@ -796,7 +781,7 @@ def measure_step_seconds(recipe: Recipe, variant: str, *, warm=3, n=20) -> float
     it = BatchIterator(recipe.batch(variant), int(cfg.train.batch_size), seed=0)
     per = []
     for f in fns:
-        fn = _jitted_step(f, mesh, bool(cfg.fast_compile))
+        fn = jitted_step(f, mesh, bool(cfg.fast_compile))
         times = []
         for i in range(warm + n):
             batch = shard_batch(next(it), mesh)

@@ -75,7 +75,7 @@ from dpm.training import (
     warmup_ema_decay,
 )
 from experiments import _io
-from experiments._checks import as_tuple, int_values
+from experiments._checks import as_tuple, config_int, config_number, int_values
 from experiments._cli import UsageError, run_experiment, user_errors
 from experiments._latent import batched, jit
 from experiments._report import markdown_table, over_seeds, write_report
@@ -132,90 +132,75 @@ def get_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _number(name, value, low=None, high=None, *, open_low=False):
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"config.{name} must be a number; got {value!r}")
-    if low is not None and (value < low or (open_low and value == low)):
-        raise ValueError(f"config.{name} must be {'>' if open_low else '>='} {low}; "
-                         f"got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"config.{name} must be <= {high}; got {value!r}")
-
-
-def _int(name, value, low=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"config.{name} must be an int >= {low}; got {value!r}")
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Every setting checked before any work; errors name the key, the value, the choices."""
     d = config.data
-    _int("data.n_identities", d.n_identities, 4)
-    _int("data.test_identities", d.test_identities, 2)
+    config_int("data.n_identities", d.n_identities, 4)
+    config_int("data.test_identities", d.test_identities, 2)
     if d.test_identities > d.n_identities - 2:
         raise ValueError(f"config.data.test_identities must leave >= 2 train identities of "
                          f"{d.n_identities}; got {d.test_identities!r}")
-    _int("data.images_per_identity", d.images_per_identity, 4)
+    config_int("data.images_per_identity", d.images_per_identity, 4)
     if d.size not in (16, 32, 48, 64):
         raise ValueError(f"config.data.size must be 32, 48 or 64 (16 for smoke runs); got "
                          f"{d.size!r}")
-    _int("data.seed", d.seed, 0)
+    config_int("data.seed", d.seed, 0)
     for sec in ("encoders", "base", "finetune"):
         s = config[sec]
-        _int(f"{sec}.batch_size", s.batch_size, 2)
+        config_int(f"{sec}.batch_size", s.batch_size, 2)
         if s.batch_size % jax.device_count():
             raise ValueError(f"config.{sec}.batch_size must be a multiple of the "
                              f"{jax.device_count()} devices; got {s.batch_size}")
-        _number(f"{sec}.learning_rate", s.learning_rate, 0.0, open_low=True)
-    _int("encoders.steps", config.encoders.steps)
-    _int("encoders.width", config.encoders.width, 4)
-    _int("encoders.embed_dim", config.encoders.embed_dim, 2)
-    _number("encoders.margin", config.encoders.margin, 0.0, 1.5)
-    _number("encoders.scale", config.encoders.scale, 0.0, open_low=True)
+        config_number(f"{sec}.learning_rate", s.learning_rate, 0.0, open_low=True)
+    config_int("encoders.steps", config.encoders.steps)
+    config_int("encoders.width", config.encoders.width, 4)
+    config_int("encoders.embed_dim", config.encoders.embed_dim, 2)
+    config_number("encoders.margin", config.encoders.margin, 0.0, 1.5)
+    config_number("encoders.scale", config.encoders.scale, 0.0, open_low=True)
     m = config.model
-    _int("model.base_channels", m.base_channels, 4)
+    config_int("model.base_channels", m.base_channels, 4)
     mult = as_tuple(m.channel_mult)
     if not mult or not all(isinstance(v, int) and v >= 1 for v in mult) or d.size % 2 ** (
             len(mult) - 1):
         raise ValueError(f"config.model.channel_mult must be positive ints, at most "
                          f"log2({d.size}) + 1 levels; got {m.channel_mult!r}")
-    _int("model.width", m.width, 4)
-    _int("model.mapper_layers", m.mapper_layers)
-    _int("model.heads", m.heads)
+    config_int("model.width", m.width, 4)
+    config_int("model.mapper_layers", m.mapper_layers)
+    config_int("model.heads", m.heads)
     if m.width % m.heads:
         raise ValueError(f"config.model.heads must divide model.width={m.width}; "
                          f"got {m.heads!r}")
-    _number("model.w_clip", m.w_clip, 0.0)
-    _number("model.w_id", m.w_id, 0.0)
+    config_number("model.w_clip", m.w_clip, 0.0)
+    config_number("model.w_id", m.w_id, 0.0)
     if m.w_clip + m.w_id <= 0:
         raise ValueError("config.model.w_clip + model.w_id must be > 0")
     b = config.base
-    _int("base.steps", b.steps)
-    _int("base.warmup_steps", b.warmup_steps, 0)
-    _int("base.seed", b.seed, 0)
-    _number("base.ema_decay", b.ema_decay, 0.0, 0.99999)
+    config_int("base.steps", b.steps)
+    config_int("base.warmup_steps", b.warmup_steps, 0)
+    config_int("base.seed", b.seed, 0)
+    config_number("base.ema_decay", b.ema_decay, 0.0, 0.99999)
     f = config.finetune
-    _number("finetune.seconds", f.seconds, 0.0, open_low=True)
-    _int("finetune.steps", f.steps, 0)
-    _int("finetune.warmup_steps", f.warmup_steps, 0)
-    _number("finetune.ema_decay", f.ema_decay, 0.0, 0.99999)
-    _int("finetune.unroll_steps", f.unroll_steps)
-    _int("finetune.unroll_examples", f.unroll_examples)
-    _number("finetune.id_weight", f.id_weight, 0.0)
-    _number("finetune.perceptual_weight", f.perceptual_weight, 0.0)
-    _number("finetune.head_rate", f.head_rate, 0.0, 1.0)
-    _number("train.cond_dropout", config.train.cond_dropout, 0.0, 0.99)
-    _number("train.warp_strength", config.train.warp_strength, 0.0, 0.5)
+    config_number("finetune.seconds", f.seconds, 0.0, open_low=True)
+    config_int("finetune.steps", f.steps, 0)
+    config_int("finetune.warmup_steps", f.warmup_steps, 0)
+    config_number("finetune.ema_decay", f.ema_decay, 0.0, 0.99999)
+    config_int("finetune.unroll_steps", f.unroll_steps)
+    config_int("finetune.unroll_examples", f.unroll_examples)
+    config_number("finetune.id_weight", f.id_weight, 0.0)
+    config_number("finetune.perceptual_weight", f.perceptual_weight, 0.0)
+    config_number("finetune.head_rate", f.head_rate, 0.0, 1.0)
+    config_number("train.cond_dropout", config.train.cond_dropout, 0.0, 0.99)
+    config_number("train.warp_strength", config.train.warp_strength, 0.0, 0.5)
     s = config.sample
-    _int("sample.steps", s.steps)
+    config_int("sample.steps", s.steps)
     if s.steps > SCHEDULE.num_steps:
         raise ValueError(f"config.sample.steps must be <= {SCHEDULE.num_steps}; got {s.steps!r}")
-    _number("sample.cfg_scale", s.cfg_scale, 0.0)
+    config_number("sample.cfg_scale", s.cfg_scale, 0.0)
     if not isinstance(s.clip_x0, bool):
         raise ValueError(f"config.sample.clip_x0 must be True or False; got {s.clip_x0!r}")
-    _int("sample.num_pairs", s.num_pairs, 2)
-    _int("sample.figure_pairs", s.figure_pairs)
-    _int("sample.kid_subsets", s.kid_subsets)
+    config_int("sample.num_pairs", s.num_pairs, 2)
+    config_int("sample.figure_pairs", s.figure_pairs)
+    config_int("sample.kid_subsets", s.kid_subsets)
     int_values("config.seeds", config.seeds, 0)
 
 

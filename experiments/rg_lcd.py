@@ -82,7 +82,7 @@ from dpm.training import (
     warmup_ema_decay,
 )
 from experiments import _io
-from experiments._checks import as_tuple, int_values
+from experiments._checks import as_tuple, config_int, config_number, int_values
 from experiments._cli import run_experiment
 from experiments._latent import batched, codec, jit
 from experiments._report import markdown_table, over_seeds, plot_curves, write_report
@@ -151,28 +151,15 @@ def get_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _number(name, value, low=None, *, open_low=False):
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"config.{name} must be a number; got {value!r}")
-    if low is not None and (value < low or (open_low and value == low)):
-        raise ValueError(f"config.{name} must be {'>' if open_low else '>='} {low}; "
-                         f"got {value!r}")
-
-
-def _int(name, value, low=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"config.{name} must be an int >= {low}; got {value!r}")
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Every setting checked before any work; errors name the key, the value, the choices."""
     if config.image_size not in (8, 16):
         raise ValueError(f"config.image_size must be 8 or 16 (the zoo's digits judges); got "
                          f"{config.image_size!r}")
     cp = config.captions
-    _int("captions.per_image", cp.per_image)
-    _int("captions.max_len", cp.max_len, 0)
-    _int("captions.num_prompts", cp.num_prompts, 2)
+    config_int("captions.per_image", cp.per_image)
+    config_int("captions.max_len", cp.max_len, 0)
+    config_int("captions.num_prompts", cp.num_prompts, 2)
     a = config.autoencoder
     if a.factor not in (2, 4) or config.image_size // a.factor < 2:
         raise ValueError(f"config.autoencoder.factor must be 2 or 4, leaving latents of side "
@@ -180,12 +167,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          f"image_size={config.image_size}")
     for sec in ("autoencoder", "teacher", "clip", "lcd"):
         s = config[sec]
-        _int(f"{sec}.steps", s.steps)
-        _int(f"{sec}.batch_size", s.batch_size)
+        config_int(f"{sec}.steps", s.steps)
+        config_int(f"{sec}.batch_size", s.batch_size)
         if s.batch_size % jax.device_count():
             raise ValueError(f"config.{sec}.batch_size must be a multiple of the "
                              f"{jax.device_count()} devices; got {s.batch_size}")
-        _number(f"{sec}.learning_rate", s.learning_rate, 0.0, open_low=True)
+        config_number(f"{sec}.learning_rate", s.learning_rate, 0.0, open_low=True)
     mult = as_tuple(config.teacher.channel_mult)
     side = config.image_size // a.factor
     if not mult or not all(isinstance(m, int) and m >= 1 for m in mult) or side % 2 ** (
@@ -193,59 +180,59 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.teacher.channel_mult must be positive ints, at most "
                          f"log2(latent side {side}) + 1 levels; got "
                          f"{config.teacher.channel_mult!r}")
-    _number("teacher.cond_dropout", config.teacher.cond_dropout, 0.0)
+    config_number("teacher.cond_dropout", config.teacher.cond_dropout, 0.0)
     if not config.teacher.cond_dropout < 1:
         raise ValueError(f"config.teacher.cond_dropout must be in [0, 1); got "
                          f"{config.teacher.cond_dropout!r}")
     d = config.lcd
-    _int("lcd.skip", d.skip)
+    config_int("lcd.skip", d.skip)
     if SCHEDULE.num_steps % d.skip:
         raise ValueError(f"config.lcd.skip must divide {SCHEDULE.num_steps}; got {d.skip!r}")
-    _number("lcd.w_min", d.w_min, 0.0)
-    _number("lcd.w_max", d.w_max, d.w_min)
+    config_number("lcd.w_min", d.w_min, 0.0)
+    config_number("lcd.w_max", d.w_max, d.w_min)
     if d.distance not in DISTANCES:
         raise ValueError(f"config.lcd.distance must be one of {DISTANCES}; got {d.distance!r}")
-    _number("lcd.huber_c", d.huber_c, 0.0, open_low=True)
-    _number("lcd.ema_decay", d.ema_decay, 0.0)
+    config_number("lcd.huber_c", d.huber_c, 0.0, open_low=True)
+    config_number("lcd.ema_decay", d.ema_decay, 0.0)
     if not d.ema_decay < 1:
         raise ValueError(f"config.lcd.ema_decay must be in [0, 1); got {d.ema_decay!r}")
-    _int("lcd.w_embed_dim", d.w_embed_dim, 4)
+    config_int("lcd.w_embed_dim", d.w_embed_dim, 4)
     if d.w_embed_dim % 2:
         raise ValueError(f"config.lcd.w_embed_dim must be even; got {d.w_embed_dim!r}")
     r = config.rg
     for b in as_tuple(r.betas):
-        _number("rg.betas", b, 0.0, open_low=True)
-    _number("rg.lrm_beta", r.lrm_beta, 0.0)
-    _int("rg.rm_batch_size", r.rm_batch_size)
+        config_number("rg.betas", b, 0.0, open_low=True)
+    config_number("rg.lrm_beta", r.lrm_beta, 0.0)
+    config_int("rg.rm_batch_size", r.rm_batch_size)
     if r.rm_batch_size > d.batch_size:
         raise ValueError(f"config.rg.rm_batch_size ({r.rm_batch_size}) must be <= "
                          f"config.lcd.batch_size ({d.batch_size})")
-    _number("rg.lrm_learning_rate", r.lrm_learning_rate, 0.0, open_low=True)
+    config_number("rg.lrm_learning_rate", r.lrm_learning_rate, 0.0, open_low=True)
     if r.mode not in PREFERENCE_MODES:
         raise ValueError(f"config.rg.mode must be one of {PREFERENCE_MODES}; got {r.mode!r}")
-    _number("rg.temperature", r.temperature, 0.0)
+    config_number("rg.temperature", r.temperature, 0.0)
     s = config.sample
-    _number("sample.w", s.w, 0.0)
+    config_number("sample.w", s.w, 0.0)
     for w in as_tuple(s.w_sweep):
-        _number("sample.w_sweep", w, 0.0)
+        config_number("sample.w_sweep", w, 0.0)
     int_values("sample.teacher_steps", s.teacher_steps, 1)
     n_grid = SCHEDULE.num_steps // d.skip
     int_values("sample.student_steps", s.student_steps, 1, n_grid)
-    _int("sample.sweep_steps", s.sweep_steps)
-    _int("sample.figure_prompts", s.figure_prompts)
+    config_int("sample.sweep_steps", s.sweep_steps)
+    config_int("sample.figure_prompts", s.figure_prompts)
     ab = config.ablations
     for k in as_tuple(ab.skip):
-        _int("ablations.skip", k)
+        config_int("ablations.skip", k)
         if SCHEDULE.num_steps % k:
             raise ValueError(f"config.ablations.skip entries must divide {SCHEDULE.num_steps}; "
                              f"got {k!r}")
     for m in as_tuple(ab.ema_decay):
-        _number("ablations.ema_decay", m, 0.0)
+        config_number("ablations.ema_decay", m, 0.0)
     for dist in as_tuple(ab.distance):
         if dist not in DISTANCES:
             raise ValueError(f"config.ablations.distance entries must be in {DISTANCES}; "
                              f"got {dist!r}")
-    _int("ablations.steps", ab.steps)
+    config_int("ablations.steps", ab.steps)
     if not isinstance(ab.enabled, bool):
         raise ValueError(f"config.ablations.enabled must be True or False; got {ab.enabled!r}")
     int_values("config.seeds", config.seeds, 0)
