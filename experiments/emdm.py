@@ -354,12 +354,8 @@ def embed_motion(model: tuple, x: np.ndarray, mask: np.ndarray, fast: bool
     """The evaluator's (unit-norm embedding, pooled features) of normalised motions."""
     fn = _text_fns(model[0], fast)[1]
     out = batched(lambda a, b: jnp.concatenate(fn(model[1], a, b), axis=-1), x, mask, size=256)
-    e = int(config_embed_dim(model))
+    e = out.shape[1] // 2  # both are embed_dim wide
     return out[:, :e], out[:, e:]
-
-
-def config_embed_dim(model: tuple) -> int:
-    return int(nnx.merge(*model).config.embed_dim)
 
 
 # ----------------------------------------------------------------------------------------------
