@@ -22,7 +22,9 @@ def _smoke_config():
                   norm_groups=(0, 4, 0, 4, 0, 0), time_dim=8)
     c.train.update(steps=3, batch_size=16)
     c.mdm.update(num_steps=20)
-    c.emdm.update(num_steps=3, alt_steps=2, r1_every=2)
+    # R1 on every step: one compiled GAN step per model here (both programs of lazy R1 run
+    # under fit in test_gan_resume.py)
+    c.emdm.update(num_steps=3, alt_steps=2, r1_every=1)
     c.a2m.update(steps=2)
     c.sample.update(num_eval=32, cfg_scale=2.5, mode_samples=4, mm_prompts=2, mm_repeats=2,
                     timing_batch=20, pool=16, figure_frames=3)
