@@ -223,3 +223,24 @@ def overrides(config, default) -> list[tuple[str, object]]:
 def command_flags(config, default) -> str:
     """The ``--config.key=value`` flags that turn ``default`` into ``config``."""
     return " ".join(f"--config.{k}={v!r}".replace(" ", "") for k, v in overrides(config, default))
+
+
+def finished_config(workdir: str, experiment: str):
+    """The config of the finished run of ``experiments.<experiment>`` in ``workdir``, as its
+    ``report.json`` (written by :func:`write_report` with the report's ``"config"``) records it.
+
+    Raises:
+      ValueError: naming the workdir and the command that makes the run, when there is none.
+    """
+    import json
+
+    import ml_collections
+
+    path = os.path.join(workdir, "report.json")
+    if not os.path.exists(path):
+        raise ValueError(f"workdir={workdir!r} holds no finished {experiment} run (no "
+                         f"report.json): run `python -m experiments.{experiment} --workdir "
+                         f"{workdir}` first")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f)["data"]["config"])
+

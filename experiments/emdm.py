@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -95,7 +94,7 @@ from experiments import _io
 from experiments._checks import as_tuple, config_int, config_number, int_values
 from experiments._cli import UsageError, run_experiment, user_errors
 from experiments._latent import batched, jit
-from experiments._report import markdown_table, over_seeds, write_report
+from experiments._report import finished_config, markdown_table, over_seeds, write_report
 from experiments._runner import fit, jitted_step
 
 __all__ = ["get_config", "check_config", "train_and_evaluate", "generate", "main"]
@@ -1143,22 +1142,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 # ----------------------------------------------------------------------------------------------
 
 
-def _finished_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config of the finished run in ``workdir`` (its report.json records it)."""
-    path = os.path.join(workdir, "report.json")
-    if not os.path.exists(path):
-        raise ValueError(f"workdir={workdir!r} holds no finished emdm run (no report.json): "
-                         f"run `python -m experiments.emdm --workdir {workdir}` first")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f)["data"]["config"])
-
-
 def generate(workdir: str, prompt: str, out: str, *, method: str = "EMDM@10", frames: int = 0,
              seed: int = 0) -> np.ndarray:
     """Generates one motion for ``prompt`` with a finished run's seed-``seed`` model; writes the
     features in the dataset's format (un-normalised, (F, D) ``.npy``) to ``out`` and a
     keyframe strip next to it (``.png``). Returns the features."""
-    config = _finished_config(workdir)
+    config = finished_config(workdir, "emdm")
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}")
     F = int(config.data.max_frames)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -78,7 +77,7 @@ from experiments import _io
 from experiments._checks import as_tuple, config_int, config_number, int_values
 from experiments._cli import UsageError, run_experiment, user_errors
 from experiments._latent import batched, jit
-from experiments._report import markdown_table, over_seeds, write_report
+from experiments._report import finished_config, markdown_table, over_seeds, write_report
 from experiments._runner import fit
 from solvers import ddim, paste_back
 from solvers.grids import trailing
@@ -871,16 +870,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 # ----------------------------------------------------------------------------------------------
 
 
-def _finished_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config of the finished run in ``workdir`` (its report.json records it)."""
-    path = os.path.join(workdir, "report.json")
-    if not os.path.exists(path):
-        raise ValueError(f"workdir={workdir!r} holds no finished reface run (no report.json): "
-                         f"run `python -m experiments.reface --workdir {workdir}` first")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f)["data"]["config"])
-
-
 def read_face(image: str, labels: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     """An RGB image (box-resized) and its CelebAMask-HQ label map (one uint8 id per pixel,
     nearest-resized) as ``(size, size, 3)`` in [-1, 1] and ``(size, size)``."""
@@ -909,7 +898,7 @@ def swap_files(workdir: str, source: str, source_labels: str, target: str,
         raise ValueError(f"mask must be one of {MASKS}; got {mask!r}")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
-    config = _finished_config(workdir)
+    config = finished_config(workdir, "reface")
     size = int(config.data.size)
     xs, ls = read_face(source, source_labels, size)
     xt, lt = read_face(target, target_labels, size)

@@ -85,6 +85,7 @@ from experiments._latent import batched, codec, jit
 from experiments._model import build_unet, make_denoiser
 from experiments._report import (
     command_flags,
+    finished_config,
     markdown_table,
     over_seeds,
     plot_curves,
@@ -855,8 +856,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                  title=f"YONOS-SR in miniature ({config.data.patch_size}x"
                  f"{config.data.patch_size} patches of scikit-image's bundled images, "
                  f"{config.space} space)", notes="\n".join(notes))
-    # the networks `upscale` restores: written last, so only a finished run's config is read
-    _io.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     return report
 
 
@@ -951,20 +950,10 @@ def _write_image(path: str, x: np.ndarray) -> None:
     Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8).save(path)
 
 
-def _finished_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(os.path.join(workdir, "report.json")) or not os.path.exists(path):
-        raise ValueError(f"workdir={workdir!r} holds no finished yonos_sr run (report.json and "
-                         "config.json): run `python -m experiments.yonos_sr --workdir "
-                         f"{workdir}` first")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
 def load_run(workdir: str, *, progress=False) -> tuple[ml_collections.ConfigDict, Run]:
     """The config and networks of a finished run in ``workdir`` (restored, nothing trained;
     the first seed's scale-distilled chain only)."""
-    config = _finished_config(workdir)
+    config = finished_config(workdir, "yonos_sr")
     config.seeds = as_tuple(config.seeds)[:1]
     train_hr, test_hr = sr_data(config)
     run = train_networks(config, train_hr, test_hr[:8], workdir, seeds=config.seeds,
@@ -981,7 +970,7 @@ def upscale(workdir: str, src: str, dst: str, scale: int, *, overlap: int = 8,
     The input is bicubic-upsampled to the output size (the models' input, as in training),
     then processed in overlapping patch-sized tiles. Returns the output in [-1, 1]. The scale
     and the image are checked before any network is restored."""
-    config = _finished_config(workdir)
+    config = finished_config(workdir, "yonos_sr")
     scales = scales_of(config)
     if isinstance(scale, bool) or not isinstance(scale, int) or scale not in scales:
         raise ValueError(f"scale must be one of {scales} (the chain trained in {workdir}); "
