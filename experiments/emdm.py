@@ -80,6 +80,7 @@ from dpm.metrics import (
     r_precision,
 )
 from dpm.training import (
+    flatten_if_uniform,
     gan_optimizers,
     init_gan_state,
     init_train_state,
@@ -605,7 +606,7 @@ def _arm_length(sk) -> float:
 
 
 def _adam(lr: float) -> optax.GradientTransformation:
-    return optax.adam(lr, b1=0.5, b2=0.9)
+    return flatten_if_uniform(optax.adam(lr, b1=0.5, b2=0.9))
 
 
 def _joints_fn(data: Data):
@@ -704,7 +705,7 @@ class Recipe:
                 x0_hat = G(params, x_t, t, None, batch["cond"], mask)
                 return geometric_loss(x0_hat, x0, mask, rec_weight=1.0).loss
 
-            opt = optax.adamw(float(cfg.mdm.learning_rate), weight_decay=0.0)
+            opt = flatten_if_uniform(optax.adam(float(cfg.mdm.learning_rate)))
             return ((make_train_step(loss, opt, ema_decay=ema),), None,
                     lambda p, k: init_train_state(p, opt, k))
 

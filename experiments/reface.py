@@ -122,7 +122,8 @@ def get_config() -> ml_collections.ConfigDict:
         perceptual_weight=0.1, head_rate=0.5))
     c.train = ml_collections.ConfigDict(dict(cond_dropout=0.2, warp_strength=0.1))
     c.sample = ml_collections.ConfigDict(dict(
-        steps=15, cfg_scale=3.0, clip_x0=True, num_pairs=200, figure_pairs=6, kid_subsets=50))
+        steps=15, start_t=1.0, cfg_scale=3.0, clip_x0=True, num_pairs=200, figure_pairs=6,
+        kid_subsets=50))
     return c
 
 
@@ -194,6 +195,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     config_int("sample.steps", s.steps)
     if s.steps > SCHEDULE.num_steps:
         raise ValueError(f"config.sample.steps must be <= {SCHEDULE.num_steps}; got {s.steps!r}")
+    config_number("sample.start_t", s.start_t, 0.0, 1.0, open_low=True)
+    start_grid(int(s.steps), float(s.start_t), "config.sample.start_t")
     config_number("sample.cfg_scale", s.cfg_scale, 0.0)
     if not isinstance(s.clip_x0, bool):
         raise ValueError(f"config.sample.clip_x0 must be True or False; got {s.clip_x0!r}")
@@ -453,13 +456,17 @@ def _denoiser(unet_g, params, cond) -> dpm.Denoiser:
                                 cond=cond)
 
 
-def _context(cond_g, params, gen, idn, src, tgt, use_target):
-    """The condition token from a source crop and the full target's features times
-    ``use_target`` (traced 0 or 1: the rungs without the target branch feed zeros, so every
-    rung shares one parameter tree and one compiled step)."""
-    src_feat = gen.features(src)
-    tgt_feat = gen.features(tgt) * use_target
-    return nnx.merge(cond_g, params["cond"])(src_feat, idn.embed(src), tgt_feat)
+def _features(gen, idn, src, tgt, use_target) -> tuple:
+    """The condition's frozen-encoder inputs: generic features of the source crop, its
+    identity embedding, and the full target's generic features times ``use_target`` (traced 0
+    or 1: the rungs without the target branch feed zeros, so every rung shares one parameter
+    tree and one compiled step). Per-example (GroupNorm), so rows may be permuted after."""
+    return gen.features(src), idn.embed(src), gen.features(tgt) * use_target
+
+
+def _context(cond_g, params, feats):
+    """The condition token from :func:`_features`."""
+    return nnx.merge(cond_g, params["cond"])(*feats)
 
 
 def rung(config, variant: str) -> tuple[int, bool, float]:
@@ -486,7 +493,8 @@ def _model_step(graphs: tuple, enc_graphs: tuple, setting: tuple, optim: tuple):
         # the inpainted region, TPS-warped so its outline does not leak the face shape
         keep = 1.0 - tps_warp(region, k_warp, strength=warp) if warp > 0 else keep_kind
         src = augment_source(restrict(x, region), k_aug)  # same photo, region-only, augmented
-        ctx = _context(cond_g, params, gen, idn, src, x, use_target)
+        feats = _features(gen, idn, src, x, use_target)
+        ctx = _context(cond_g, params, feats)
         null = nnx.merge(cond_g, params["cond"]).null_context(B)
         drop = jax.random.bernoulli(k_drop, dropout, (B,))
         ctx_train = jnp.where(drop[:, None, None], null, ctx)
@@ -496,7 +504,7 @@ def _model_step(graphs: tuple, enc_graphs: tuple, setting: tuple, optim: tuple):
             return reface_terms(den, x, k_loss, unroll_steps=0).loss
         # the swap condition: the in-batch partner's source (another person), this target
         perm = swap_partner(B)
-        ctx_swap = _context(cond_g, params, gen, idn, src[perm], x, use_target)
+        ctx_swap = _context(cond_g, params, (feats[0][perm], feats[1][perm], feats[2]))
         face = 1.0 - batch["face_keep"]
         src_id = idn.embed(restrict(x, face))[perm]
         terms = reface_terms(den, x, k_loss, swap_den=den.with_cond({"image": image,
@@ -617,20 +625,35 @@ def finetune_steps(config, data: Data, enc: Encoders, workdir: str, log=print) -
 # ----------------------------------------------------------------------------------------------
 
 
+def start_grid(steps: int, start_t: float, name: str = "start_t") -> np.ndarray:
+    """The swap's descending DDIM grid: ``steps`` trailing steps from T, truncated to the times
+    ``<= start_t`` when ``start_t < 1`` (REFace's ``target_start_noise_t``: the sampler starts
+    from the target noised to the grid's first time, so fewer steps run)."""
+    full = np.asarray(trailing(steps, SCHEDULE))
+    ts = full if start_t >= 1.0 else full[full <= start_t + 1e-9]
+    if len(ts) < 2:
+        raise ValueError(f"{name} must leave a step of the {steps}-step grid (its first time "
+                         f"below 1 is {float(full[1]):.3f}); got {start_t!r}")
+    return ts
+
+
 @functools.cache
-def _swap_sampler(graphs: tuple, enc_graphs: tuple, steps: int, clip: bool, fast: bool):
+def _swap_sampler(graphs: tuple, enc_graphs: tuple, steps: int, clip: bool, fast: bool,
+                  start_t: float = 1.0):
     (unet_g, cond_g), (gen_g, id_g) = graphs, enc_graphs
-    ts = trailing(steps, SCHEDULE)
+    ts = start_grid(steps, start_t)
 
     def run(params, frozen, use_target, target, keep, src, scale, noise):
         gen, idn = nnx.merge(gen_g, frozen["generic"]), nnx.merge(id_g, frozen["id_train"])
-        ctx = _context(cond_g, params, gen, idn, src, target, use_target)
+        ctx = _context(cond_g, params, _features(gen, idn, src, target, use_target))
         null = nnx.merge(cond_g, params["cond"]).null_context(target.shape[0])
         image = jnp.concatenate([target * keep, keep], axis=-1)
         den = _denoiser(unet_g, params["unet"], {"image": image, "context": ctx})
         guided = dpm.classifier_free_guidance(den, scale, {"image": image, "context": null})
         if clip:  # pixel-space DDIM's x0 clipping (DDPM's clip_sample) at every step
             guided = dpm.clip_x0(guided)
+        if start_t < 1.0:  # the whole target, noised to the grid's first time
+            noise = SCHEDULE.alpha(ts[0]) * target + SCHEDULE.sigma(ts[0]) * noise
         raw = jnp.clip(ddim(guided, noise, ts), -1.0, 1.0)
         return jnp.stack([raw, paste_back(raw, target, keep)], axis=1)
 
@@ -638,11 +661,15 @@ def _swap_sampler(graphs: tuple, enc_graphs: tuple, steps: int, clip: bool, fast
 
 
 def swap(config, enc: Encoders, params, variant: str, target: np.ndarray, keep: np.ndarray,
-         src: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Guided DDIM swaps ``(raw, pasted)`` of ``src`` crops into ``target`` outside ``keep``."""
+         src: np.ndarray, seed: int, *, steps: int | None = None, start_t: float | None = None
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Guided DDIM swaps ``(raw, pasted)`` of ``src`` crops into ``target`` outside ``keep``
+    (``steps`` / ``start_t``: the config's ``sample`` values by default)."""
     s = config.sample
-    run = _swap_sampler(model_graphs(config), (enc.generic[0], enc.id_train[0]), int(s.steps),
-                        bool(s.clip_x0), bool(config.fast_compile))
+    steps = int(s.steps if steps is None else steps)
+    start_t = float(s.start_t if start_t is None else start_t)
+    run = _swap_sampler(model_graphs(config), (enc.generic[0], enc.id_train[0]), steps,
+                        bool(s.clip_x0), bool(config.fast_compile), start_t)
     use_target = _flags(config, variant)["use_target"]
     noise = np.random.default_rng(20_000 + seed).standard_normal(target.shape).astype(
         np.float32)
@@ -890,14 +917,21 @@ def read_face(image: str, labels: str, size: int) -> tuple[np.ndarray, np.ndarra
 
 def swap_files(workdir: str, source: str, source_labels: str, target: str,
                target_labels: str, out: str, *, mask: str = "face", variant: str = "D",
-               seed: int | None = None) -> np.ndarray:
+               seed: int | None = None, steps: int = 50, start_t: float = 1.0) -> np.ndarray:
     """Swaps the face (or head) of ``source`` into ``target`` with a finished run's rung
-    ``variant`` and writes ``out``; returns the pasted image in [-1, 1]. The inputs are checked
+    ``variant`` and writes ``out``; returns the pasted image in [-1, 1]. ``steps`` guided DDIM
+    steps (REFace's 50 by default; the run's grading used its ``sample.steps``), starting from
+    the target noised to ``start_t`` when below 1 (:func:`start_grid`). The inputs are checked
     before any network is restored."""
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {MASKS}; got {mask!r}")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise ValueError(f"steps must be an int in 1..1000; got {steps!r}")
+    if isinstance(start_t, bool) or not isinstance(start_t, int | float) or not 0 < start_t <= 1:
+        raise ValueError(f"start_t must be a number in (0, 1]; got {start_t!r}")
+    start_grid(steps, float(start_t))
     config = finished_config(workdir, "reface")
     size = int(config.data.size)
     xs, ls = read_face(source, source_labels, size)
@@ -918,7 +952,7 @@ def swap_files(workdir: str, source: str, source_labels: str, target: str,
                             os.path.join(workdir, f"rung_{variant}_seed{seed}"),
                             steps=int(ft["steps"][variant]), init=base, progress=False)
     _, pasted = swap(config, enc, params, variant, t["x"], t[f"{mask}_keep"],
-                     face_crop(s, mask), seed)
+                     face_crop(s, mask), seed, steps=steps, start_t=float(start_t))
     from PIL import Image
 
     Image.fromarray(np.round((pasted[0] + 1.0) * 127.5).clip(0, 255).astype(np.uint8)).save(out)
@@ -935,6 +969,9 @@ def _swap_main(argv: Sequence[str]) -> None:
         ap.add_argument(f"--{name}", required=True)
     ap.add_argument("--mask", default="face", choices=MASKS)
     ap.add_argument("--variant", default="D", choices=VARIANTS)
+    ap.add_argument("--steps", type=int, default=50, help="guided DDIM steps (REFace: 50)")
+    ap.add_argument("--start-t", type=float, default=1.0,
+                    help="start from the target noised to this time in (0, 1] (1: pure noise)")
     ap.add_argument("--workdir", default="runs/reface")
     a = ap.parse_args(list(argv))
     with user_errors():
@@ -943,7 +980,7 @@ def _swap_main(argv: Sequence[str]) -> None:
                 raise UsageError(f"{f!r} does not exist")
         try:
             swap_files(a.workdir, a.source, a.source_labels, a.target, a.target_labels, a.out,
-                       mask=a.mask, variant=a.variant)
+                       mask=a.mask, variant=a.variant, steps=a.steps, start_t=a.start_t)
         except ValueError as e:  # a user's input: one line, not a traceback
             raise UsageError(str(e)) from None
     print(f"wrote {a.out}")

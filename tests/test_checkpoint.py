@@ -393,3 +393,22 @@ def test_partial_step_directories_are_moved_aside_once(tmp_path):
     with warnings.catch_warnings():  # a second start has nothing to say
         warnings.simplefilter("error")
         Checkpointer(tmp_path, config=CONFIG).close()
+
+
+def test_mixed_replicated_and_split_leaves_restore_to_their_shardings(tmp_path):
+    # replicated leaves are read once and copied to every device; a split leaf keeps orbax's
+    # per-shard reads: both must come back bitwise on exactly the requested shardings
+    mesh = make_mesh()
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    host = {"rep": np.arange(12, dtype=np.float32).reshape(3, 4),
+            "split": np.arange(32, dtype=np.float32).reshape(16, 2) ** 1.5}
+    shardings = {"rep": replicated(mesh), "split": split}
+    state = jax.tree.map(jax.device_put, host, shardings)
+    with Checkpointer(tmp_path, config=CONFIG) as ckpt:
+        ckpt.save(1, state, data_state={"position": 1})
+    with Checkpointer(tmp_path, config=CONFIG) as ckpt:
+        restored, _, step = ckpt.restore_latest(state)
+    assert step == 1
+    for k in host:
+        assert restored[k].sharding.is_equivalent_to(shardings[k], restored[k].ndim), k
+        np.testing.assert_array_equal(np.asarray(restored[k]), host[k])

@@ -34,6 +34,8 @@ def _smoke_config():
         ("finetune.head_rate", 1.5, "finetune.head_rate"),
         ("finetune.unroll_steps", 0, "finetune.unroll_steps"),
         ("sample.steps", 2000, "sample.steps"),
+        ("sample.start_t", 0.0, "sample.start_t"),
+        ("sample.start_t", 0.05, "sample.start_t"),  # below the 15-step grid's first step
         ("model.heads", 3, "model.heads"),
         ("model.channel_mult", (1, 2, 2, 2, 2, 2, 2), "channel_mult"),
         ("encoders.batch_size", 12, "multiple of the 8 devices"),
@@ -91,12 +93,22 @@ def test_reface_experiment_smoke_resume_and_swap(tmp_path):
         Image.fromarray(p["labels"][i]).save(tmp_path / f"{name}_labels.png")
         files[name] = str(tmp_path / f"{name}.png")
         files[name + "_labels"] = str(tmp_path / f"{name}_labels.png")
-    out = R.swap_files(work, files["source"], files["source_labels"], files["target"],
-                       files["target_labels"], str(tmp_path / "out.png"), mask="head")
+    args = (work, files["source"], files["source_labels"], files["target"],
+            files["target_labels"])
+    out = R.swap_files(*args, str(tmp_path / "out.png"), mask="head", steps=4)
     x_t, lab_t = R.read_face(files["target"], files["target_labels"], 16)
     keep = R.region_mask(lab_t[None], "head")[0, ..., 0] > 0.5
     np.testing.assert_array_equal(out[keep], x_t[keep])  # paste-back: exact outside the mask
     assert not np.allclose(out[~keep], x_t[~keep])
+    # from the target noised to t = 0.5 (two of the four steps run): another, finite swap
+    half = R.swap_files(*args, str(tmp_path / "half.png"), mask="head", steps=4, start_t=0.5)
+    np.testing.assert_array_equal(half[keep], x_t[keep])
+    assert np.all(np.isfinite(half)) and not np.allclose(half[~keep], out[~keep])
+    assert len(R.start_grid(4, 0.5)) == 3 and R.start_grid(4, 1.0)[0] == 1.0
+    with pytest.raises(ValueError, match="start_t must leave a step"):
+        R.swap_files(*args, str(tmp_path / "o.png"), steps=4, start_t=0.1)
+    with pytest.raises(ValueError, match="steps must be an int"):
+        R.swap_files(*args, str(tmp_path / "o.png"), steps=0)
     with Image.open(tmp_path / "out.png") as im:
         assert im.size == (16, 16)
 

@@ -33,7 +33,7 @@ def _smoke_config(zoo):
     c.lcd.update(steps=2, batch_size=8, w_embed_dim=8)
     c.rg.update(betas=(10.0,), rm_batch_size=4)
     c.sample.update(teacher_steps=(1, 2), student_steps=(1, 2), w_sweep=(0.0, 2.0),
-                    sweep_steps=2, figure_prompts=4)
+                    sweep_steps=2, sweep_teacher_steps=1, figure_prompts=4)
     c.ablations.update(enabled=True, skip=(50,), ema_decay=(), boundary=(), distance=(), steps=2)
     return c
 
@@ -84,6 +84,7 @@ def test_rg_lcd_experiment_smoke(tmp_path, smoke_zoo):
     assert q["teacher, guided DDIM, 2 steps"]["nfe"]["mean"] == 4  # two evaluations a step
     assert q["LCM, 2 steps"]["nfe"]["mean"] == 2
     assert set(report["ablations"]) == {"LCM (k = 20, mu = 0.95, boundary, huber)", "k = 50"}
+    assert set(report["sweep"]) == {"LCM, 2 steps", "teacher, 1 steps"}
     assert set(report["sweep"]["LCM, 2 steps"]) == {"0", "2"}
     md = _read(os.path.join(work, "report.md"))
     for heading in ("Quality on 16 held-out prompts", "Inference w sweep", "LCD ablations",

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpm.training.train import TrainState, ema_update
+from dpm.training.train import TrainState, ema_update, flatten_if_uniform
 
 __all__ = ["gan_optimizers", "init_gan_state", "make_gan_step"]
 
@@ -49,6 +49,7 @@ def gan_optimizers(
     b2: float = 0.9,
     eps: float = 1e-8,
     clip_norm: float | None = None,
+    flatten: bool = True,
 ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     """DDGAN's / EMDM's optimizers: Adam with ``betas = (0.5, 0.9)`` and separate learning rates
     (EMDM: ``lr_g = 2e-5``, ``lr_d = 1.25e-4``; DDGAN CIFAR-10: ``1.6e-4``, ``1.25e-4``).
@@ -60,6 +61,8 @@ def gan_optimizers(
       lr_g, lr_d: the generator's and discriminator's learning rates (numbers or schedules).
       b1, b2, eps: Adam's moment decays and denominator offset.
       clip_norm: optional maximum global gradient norm (None: no clipping, as in DDGAN).
+      flatten: run each on its network's parameters raveled into one vector
+        (:func:`dpm.training.flatten_if_uniform`).
 
     Returns:
       ``(g_optimizer, d_optimizer)``.
@@ -70,11 +73,14 @@ def gan_optimizers(
             raise ValueError(f"{name} must be a number >= 0 or an optax schedule; got {lr!r}")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be positive or None; got {clip_norm!r}")
+    if not isinstance(flatten, bool):
+        raise ValueError(f"flatten must be True or False; got {flatten!r}")
 
     def make(lr):
         adam = optax.adam(lr, b1=b1, b2=b2, eps=eps)
-        return adam if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm),
-                                                          adam)
+        if clip_norm is not None:
+            adam = optax.chain(optax.clip_by_global_norm(clip_norm), adam)
+        return flatten_if_uniform(adam) if flatten else adam
 
     return make(lr_g), make(lr_d)
 
