@@ -58,10 +58,39 @@ def _save(path, x):
     Image.fromarray(np.round((x + 1) * 127.5).clip(0, 255).astype(np.uint8)).save(path)
 
 
-def test_reface_experiment_smoke_resume_and_swap(tmp_path):
+# The smoke run in two stages (module fixtures, so each test's setup stays small): the four
+# encoders, then the full run in the same workdir, which restores them.
+
+
+@pytest.fixture(scope="module")
+def smoke_encoders(tmp_path_factory):
     c = _smoke_config()
-    work = str(tmp_path / "run")
-    report = R.train_and_evaluate(c, work, progress=False, log=lambda *_: None)
+    work = str(tmp_path_factory.mktemp("reface") / "run")
+    data = R.load_data(c)
+    return c, work, data, R.train_encoders(c, data, work, log=lambda *_: None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_encoders):
+    c, work, _, _ = smoke_encoders
+    return c, work, R.train_and_evaluate(c, work, progress=False, log=lambda *_: None)
+
+
+def test_reface_encoders(smoke_encoders):
+    c, work, data, enc = smoke_encoders
+    n_unseen = c.data.test_identities
+    assert enc.centroids.shape == (n_unseen, c.encoders.embed_dim)
+    np.testing.assert_array_equal(enc.unseen, np.arange(data.n_train_ids, data.n_ids))
+    # the swap pool holds only identities the diffusion model never saw
+    assert set(np.unique(data.pool["identity"])) <= set(enc.unseen.tolist())
+    for k, v in enc.sanity.items():
+        assert np.isfinite(v), k
+    for kind in R.ENCODERS:
+        assert os.path.exists(os.path.join(work, f"encoder_{kind}", "metrics.jsonl")), kind
+
+
+def test_reface_experiment_smoke(smoke_run):
+    c, work, report = smoke_run
     q = report["quality"]
     assert len(q) == len(R.VARIANTS) * len(R.MASKS)
     for name, row in q.items():
@@ -80,10 +109,24 @@ def test_reface_experiment_smoke_resume_and_swap(tmp_path):
         md = f.read()
     assert "REFace in miniature" in md and "in-project proxies" in md
 
-    # resumes for free: every network restored, every cell cached, the same numbers
-    again = R.train_and_evaluate(c, work, progress=False, log=lambda *_: None)
-    assert again["quality"] == q
 
+def test_reface_rerun_restores_every_network(smoke_run):
+    c, work, report = smoke_run
+    # resumes for free: every network restored (no log line added), every cell cached
+    dirs = ["base", "encoder_id_train", *(f"rung_{v}_seed0" for v in R.VARIANTS)]
+    logs = {}
+    for d in dirs:
+        with open(os.path.join(work, d, "metrics.jsonl")) as f:
+            logs[d] = f.read()
+    again = R.train_and_evaluate(c, work, progress=False, log=lambda *_: None)
+    assert again["quality"] == report["quality"]
+    for d in dirs:
+        with open(os.path.join(work, d, "metrics.jsonl")) as f:
+            assert f.read() == logs[d], d
+
+
+def test_reface_swap_command(smoke_run, tmp_path):
+    c, work, _ = smoke_run
     # the swap command on a user's files (the finished run's report.json records its config)
     data = R.load_data(c)
     p = data.pool

@@ -67,10 +67,39 @@ def test_bad_config_is_named_before_any_work(tmp_path, key, value, match):
     assert not os.listdir(tmp_path)
 
 
-def test_rg_lcd_experiment_smoke(tmp_path, smoke_zoo):
+# The smoke run in two stages (module fixtures, so each test's setup stays small): the
+# networks (autoencoder, three contrastive models, teacher), then the full run in the same
+# workdir, which restores them and trains every student kind, grades and reports.
+
+
+@pytest.fixture(scope="module")
+def smoke_networks(tmp_path_factory, smoke_zoo):
     c = _smoke_config(smoke_zoo)
-    work = str(tmp_path / "run")
-    report = R.train_and_evaluate(c, work, progress=False, log=lambda *_: None)
+    work = str(tmp_path_factory.mktemp("rg_lcd") / "run")
+    data = R.load_data(c)
+    return c, work, data, R.train_networks(c, data, work, log=lambda *_: None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_networks):
+    c, work, _, _ = smoke_networks
+    return R.train_and_evaluate(c, work, progress=False, log=lambda *_: None)
+
+
+def test_rg_lcd_networks(smoke_networks):
+    c, work, data, n = smoke_networks
+    z = n.ae.encode(data.test_images["x"][:4])
+    assert z.shape == (4, 4, 4, c.autoencoder.latent_channels)
+    assert n.ae.decode(z).shape == data.test_images["x"][:4].shape
+    assert n.latents.shape[0] == len(data.train_images["x"])
+    assert np.isfinite(n.expert_temperature) and n.expert_temperature > 0
+    for d in ("teacher", "autoencoder"):
+        assert os.path.exists(os.path.join(work, d, "metrics.jsonl")), d
+
+
+def test_rg_lcd_experiment_smoke(smoke_run, smoke_networks):
+    c, work, _, _ = smoke_networks
+    report = smoke_run
     q = report["quality"]
     names = list(R.student_specs(c))
     assert names == ["LCM", "RG-LCM direct, beta=10", "RG-LCM with LRM, beta=1"]

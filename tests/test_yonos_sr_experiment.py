@@ -202,7 +202,7 @@ def test_decoder_finetuning_with_the_patch_discriminator(smoke_run, tmp_path):
                                         str(tmp_path / f"disc{disc}"), progress=False)
     g, before, _ = run.space.ae
     dec0, rest0 = split_decoder(before)
-    for disc, after in outs.items():
+    for after in outs.values():
         dec, rest = split_decoder(after)
         for a, b in zip(jax.tree.leaves(rest), jax.tree.leaves(rest0), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -119,7 +119,7 @@ def _read_once(abstract: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
     def place(state: PyTree) -> PyTree:
         got = treedef.flatten_up_to(state)
         return treedef.unflatten(
-            [x if s is None else jax.device_put(x, s) for x, s in zip(got, targets)]
+            [x if s is None else jax.device_put(x, s) for x, s in zip(got, targets, strict=True)]
         )
 
     return treedef.unflatten(read), place
