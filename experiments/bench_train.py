@@ -10,6 +10,9 @@ XLA's cost analysis of the forward pass compiled for the CPU (the GPU backend un
 convolutions); a training step is counted as 3x the forward. Prints a table, writes JSON.
 ``--fast-compile`` turns XLA's backend optimisations off (minutes less compiling on a CPU, for
 smoke runs; the FLOP counts are unchanged, the throughputs are then not representative).
+``--per-leaf`` adds the same train step with the optimizer's moments kept per parameter leaf
+(``make_optimizer(flatten=False)``), compiled and timed side by side in the same run, and both
+steps' StableHLO line counts (the size XLA compiles).
 """
 
 from __future__ import annotations
@@ -101,23 +104,30 @@ def run(args) -> dict:
                                                time_sampler="discrete", preconditioning=None))
     loss = make_loss(graphdef, schedule, diffusion)
     p_rep = replicate(jax.tree.map(jnp.copy, params), mesh)  # the train step donates its state
-    opt = make_optimizer(1e-4, total_steps=10_000, warmup_steps=10)
-    state = replicate(init_train_state(params, opt, jax.random.key(0)), mesh)
-    step = jit_train_step(make_train_step(loss, opt, ema_decay=0.999), mesh,
-                          compiler_options=opts)
     batch = shard_batch({"x": jax.random.normal(jax.random.key(1), (args.train_batch, H, H, C))},
                         mesh)
 
-    holder = {"state": state}
+    def train_bench(flatten: bool) -> tuple[float, float, int]:
+        """(compile s, s per step, StableHLO lines) of the train step, its optimizer's clip
+        and Adam on one raveled vector (``flatten``) or per leaf."""
+        opt = make_optimizer(1e-4, total_steps=10_000, warmup_steps=10, flatten=flatten)
+        train_step = make_train_step(loss, opt, ema_decay=0.999)
+        state = replicate(init_train_state(params, opt, jax.random.key(0)), mesh)
+        lines = len(jax.jit(train_step).lower(state, batch).as_text().splitlines())
+        step = jit_train_step(train_step, mesh, compiler_options=opts)
+        holder = {"state": state}
 
-    def train_once():
-        holder["state"], m = step(holder["state"], batch)
-        return m["loss"]
+        def train_once():
+            holder["state"], m = step(holder["state"], batch)
+            return m["loss"]
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(train_once())
-    train_compile = time.perf_counter() - t0
-    train_s = _timeit(train_once, args.iters)
+        t0 = time.perf_counter()
+        jax.block_until_ready(train_once())
+        compile_s = time.perf_counter() - t0
+        return compile_s, _timeit(train_once, args.iters), lines
+
+    train_compile, train_s, train_lines = train_bench(True)
+    per_leaf = train_bench(False) if args.per_leaf else None
 
     apply = lambda p, x, c_noise, cond: nnx.merge(graphdef, p)(x, c_noise, cond)
     ts = uniform_time(args.nfe, schedule, t_end=0.0)
@@ -147,9 +157,14 @@ def run(args) -> dict:
         "train_batch": args.train_batch, "sample_batch": args.sample_batch, "nfe": args.nfe,
         "train_images_per_s": train_ips, "sample_images_per_s": sample_ips,
         "train_compile_s": train_compile, "sample_compile_s": sample_compile,
+        "train_hlo_lines": train_lines,
         "train_tflops": 3 * flops * train_ips / 1e12,
         "sample_tflops": flops * args.nfe * sample_ips / 1e12,
     }
+    if per_leaf is not None:  # the same step with one moment array per parameter leaf
+        result.update({"per_leaf_train_compile_s": per_leaf[0],
+                       "per_leaf_train_images_per_s": args.train_batch / per_leaf[1],
+                       "per_leaf_train_hlo_lines": per_leaf[2]})
     if args.peak_tflops:
         result["train_fraction_of_peak"] = result["train_tflops"] / args.peak_tflops
         result["sample_fraction_of_peak"] = result["sample_tflops"] / args.peak_tflops
@@ -170,7 +185,14 @@ def print_table(r: dict) -> None:
         t.add_row(f"{ph}" + (f" ({r['nfe']} NFE)" if ph == "sample" else ""), str(b),
                   f"{r[f'{ph}_images_per_s']:.1f}", f"{r[f'{ph}_tflops']:.4f}",
                   "-" if frac is None else f"{frac:.3f}", f"{r[f'{ph}_compile_s']:.1f}")
+    if "per_leaf_train_compile_s" in r:
+        t.add_row("train, per-leaf optimizer", str(r["train_batch"]),
+                  f"{r['per_leaf_train_images_per_s']:.1f}", "-", "-",
+                  f"{r['per_leaf_train_compile_s']:.1f}")
     Console().print(t)
+    print(f"train step StableHLO lines: {r['train_hlo_lines']} (optimizer on one raveled "
+          "vector)" + (f", {r['per_leaf_train_hlo_lines']} per leaf"
+                       if "per_leaf_train_hlo_lines" in r else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -190,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="the device's peak, for the fraction of peak (H200 bf16 dense: ~790)")
     p.add_argument("--fast-compile", action="store_true",
                    help="XLA backend optimisations off: faster compiles, slower steps (smoke runs)")
+    p.add_argument("--per-leaf", action="store_true",
+                   help="also time the train step with the per-leaf optimizer (flatten=False), "
+                        "side by side")
     p.add_argument("--out", default="runs/bench_train")
     args = p.parse_args(argv)
     r = run(args)
