@@ -112,7 +112,9 @@ def run(args) -> dict:
         and Adam on one raveled vector (``flatten``) or per leaf."""
         opt = make_optimizer(1e-4, total_steps=10_000, warmup_steps=10, flatten=flatten)
         train_step = make_train_step(loss, opt, ema_decay=0.999)
-        state = replicate(init_train_state(params, opt, jax.random.key(0)), mesh)
+        # a fresh copy each time: the jitted step donates its state
+        state = replicate(init_train_state(jax.tree.map(jnp.copy, params), opt,
+                                           jax.random.key(0)), mesh)
         lines = len(jax.jit(train_step).lower(state, batch).as_text().splitlines())
         step = jit_train_step(train_step, mesh, compiler_options=opts)
         holder = {"state": state}

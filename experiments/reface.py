@@ -3,7 +3,8 @@ A Unified Approach with Diffusion Models") in miniature, on procedurally rendere
 
     python -m experiments.reface --workdir runs/reface
     python -m experiments.reface swap --workdir runs/reface --source a.png --source-labels \
-        a_labels.png --target b.png --target-labels b_labels.png --mask head --out out.png
+        a_labels.png --target b.png --target-labels b_labels.png --mask head --out out.png \
+        [--steps 50] [--start-t 0.7]
 
 Every part is built here, nothing downloaded:
 
