@@ -389,3 +389,7 @@ def test_flat_optimizer_equals_the_per_leaf_one_and_keeps_mixed_dtypes_per_leaf(
     assert updates["b"].dtype == jnp.bfloat16 and updates["w"].dtype == jnp.float32
     with pytest.raises(ValueError, match="flatten"):
         make_optimizer(0.05, total_steps=10, flatten=1)
+    # a tree without leaves (nothing to ravel) passes through
+    opt = make_optimizer(0.05, total_steps=10)
+    updates, _ = opt.update({}, opt.init({}), {})
+    assert updates == {}

@@ -159,8 +159,8 @@ def flatten_if_uniform(inner: optax.GradientTransformation) -> optax.GradientTra
     which never promotes a leaf's dtype."""
     flat = optax.flatten(inner)
 
-    def uniform(tree: PyTree) -> bool:
-        return len({jnp.result_type(x) for x in jax.tree.leaves(tree)}) <= 1
+    def uniform(tree: PyTree) -> bool:  # one dtype (an empty tree has nothing to ravel)
+        return len({jnp.result_type(x) for x in jax.tree.leaves(tree)}) == 1
 
     def init_fn(params):
         return (flat if uniform(params) else inner).init(params)
