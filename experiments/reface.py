@@ -67,7 +67,14 @@ from dpm.data import (
     region_mask,
     tps_warp,
 )
-from dpm.losses import arcface_loss, reface_terms, restrict, shuffle_masks, swap_partner
+from dpm.losses import (
+    arcface_loss,
+    diffuse,
+    reface_terms,
+    restrict,
+    shuffle_masks,
+    swap_partner,
+)
 from dpm.training import (
     init_train_state,
     make_optimizer,
@@ -654,7 +661,7 @@ def _swap_sampler(graphs: tuple, enc_graphs: tuple, steps: int, clip: bool, fast
         if clip:  # pixel-space DDIM's x0 clipping (DDPM's clip_sample) at every step
             guided = dpm.clip_x0(guided)
         if start_t < 1.0:  # the whole target, noised to the grid's first time
-            noise = SCHEDULE.alpha(ts[0]) * target + SCHEDULE.sigma(ts[0]) * noise
+            noise = diffuse(SCHEDULE, target, jnp.full(target.shape[:1], ts[0]), noise)
         raw = jnp.clip(ddim(guided, noise, ts), -1.0, 1.0)
         return jnp.stack([raw, paste_back(raw, target, keep)], axis=1)
 
