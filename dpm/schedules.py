@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpm.pytree import device_cached_dataclass
+
 Array = jax.Array
 
 __all__ = [
@@ -214,7 +216,7 @@ def make_betas(
     )
 
 
-@jax.tree_util.register_dataclass
+@device_cached_dataclass
 @dataclasses.dataclass(frozen=True)
 class DiscreteVP(Schedule):
     """Discrete DDPM variance-preserving schedule from a beta table.
@@ -359,7 +361,7 @@ def ddgan_schedule(
 # --------------------------------------------------------------------------------------------
 
 
-@jax.tree_util.register_dataclass
+@device_cached_dataclass
 @dataclasses.dataclass(frozen=True)
 class LinearVP(Schedule):
     """Continuous VP-SDE with linear beta(t) (Song et al. 2021):
@@ -395,7 +397,7 @@ class LinearVP(Schedule):
         return 1000.0 * jnp.asarray(t)
 
 
-@jax.tree_util.register_dataclass
+@device_cached_dataclass
 @dataclasses.dataclass(frozen=True)
 class CosineVP(Schedule):
     """Continuous cosine schedule of Nichol & Dhariwal:
@@ -438,7 +440,7 @@ class CosineVP(Schedule):
         return 1000.0 * jnp.asarray(t)
 
 
-@jax.tree_util.register_dataclass
+@device_cached_dataclass
 @dataclasses.dataclass(frozen=True)
 class CosineLogSNR(Schedule):
     """The cosine schedule written in log-SNR, with its ends clipped (Salimans & Ho's
@@ -494,7 +496,7 @@ class CosineLogSNR(Schedule):
 # --------------------------------------------------------------------------------------------
 
 
-@jax.tree_util.register_dataclass
+@device_cached_dataclass
 @dataclasses.dataclass(frozen=True)
 class EDM(Schedule):
     """EDM (Karras et al. 2022) / VE schedule: ``alpha = 1``, ``sigma(t) = t * sigma_max``.

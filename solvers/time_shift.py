@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpm.pytree import device_cached_dataclass
 from dpm.schedules import DiscreteVP, Schedule
 
 Array = jax.Array
@@ -33,7 +34,7 @@ Array = jax.Array
 __all__ = ["TimeShift", "time_shift", "select_shifted_time", "sample_variance"]
 
 
-@jax.tree_util.register_dataclass
+@device_cached_dataclass
 @dataclasses.dataclass(frozen=True)
 class TimeShift:
     """Options of the Time-Shift Sampler.
