@@ -151,9 +151,23 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place a full copy of every leaf of ``tree`` on every device of ``mesh``.
 
-    On several processes every process must pass the same values.
+    On several processes every process must pass the same values. There ``jax.device_put``
+    refuses typed PRNG keys and arrays committed to a local device for a sharding that spans
+    other processes' devices: such leaves go through host memory (a key through its key data).
     """
-    return jax.device_put(tree, replicated(mesh))
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            x = np.asarray(x)
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, tree)
 
 
 def initialize_distributed(**kwargs: Any) -> bool:

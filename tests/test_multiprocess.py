@@ -1,0 +1,117 @@
+"""Multi-process data parallelism on CPU: two processes on 127.0.0.1 (``jax.distributed``, gloo
+collectives, 2 fake CPU devices each) train a tiny MLP denoiser for a few steps, each loading only
+its own shard of every global batch, and reach the parameters of one process with the same 4
+devices trained on the whole global batch; both processes save and restore one orbax
+checkpoint; the data iterator's per-process shards are disjoint and make up the global batch.
+
+The workers are ``tests/_multiprocess_worker.py`` run in fresh interpreters (the distributed
+runtime must come up before JAX's backends, and this pytest process has 8 devices). Every worker
+is killed when it outlives ``TIMEOUT_S`` or when another worker failed.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+WORKER = Path(__file__).with_name("_multiprocess_worker.py")
+TIMEOUT_S = 120
+STEPS = 3  # the worker's
+LOCAL_BATCH = 8  # the worker's global batch of 16 over 2 processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(n_devices: int) -> dict[str, str]:
+    """This environment with ``n_devices`` fake CPU devices instead of the test session's 8."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags.append(f"--xla_force_host_platform_device_count={n_devices}")
+    return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    lines = [l for l in path.read_text(errors="replace").splitlines() if not l.startswith("[Gloo]")]
+    return "\n".join(lines[-n:])
+
+
+def _run_workers(runs: dict[str, tuple[list[str], int]], logs: Path) -> None:
+    """Run ``{name: (worker arguments, number of devices)}`` concurrently; fail with each failed
+    worker's output tail. A worker still running when another fails, or after ``TIMEOUT_S``, is
+    killed (a lone distributed process would wait for its peer)."""
+    procs = {}
+    try:
+        for name, (args, n_devices) in runs.items():
+            log = open(logs / f"{name}.log", "w")  # closed below
+            procs[name] = (subprocess.Popen([sys.executable, str(WORKER), *args],
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            env=_env(n_devices)), log)
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(p.poll() is None for p, _ in procs.values()):
+            if time.monotonic() > deadline or any(p.poll() for p, _ in procs.values()):
+                break
+            time.sleep(0.1)
+    finally:
+        for p, log in procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            log.close()
+    failures = [
+        f"--- worker {name}: "
+        + (f"killed (timed out after {TIMEOUT_S} s, or another worker failed)"
+           if p.returncode == -9 else f"exit code {p.returncode}")
+        + f"; output tail:\n{_tail(logs / f'{name}.log')}"
+        for name, (p, _) in procs.items() if p.returncode != 0
+    ]
+    assert not failures, "\n".join(failures)
+
+
+def test_two_processes_match_one(tmp_path):
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    multi.mkdir()
+    single.mkdir()
+    port = str(_free_port())
+    _run_workers({
+        "process_0": ([str(multi), "--num-processes", "2", "--process-id", "0", "--port", port], 2),
+        "process_1": ([str(multi), "--num-processes", "2", "--process-id", "1", "--port", port], 2),
+        "single": ([str(single), "--num-processes", "1"], 4),
+    }, tmp_path)
+    p0, p1 = (dict(np.load(multi / f"process_{i}.npz")) for i in (0, 1))
+    ref = dict(np.load(single / "process_0.npz"))
+
+    # data: each process loads its own rows; together, in process order, the global batch
+    assert p0["ids"].shape == p1["ids"].shape == (STEPS, LOCAL_BATCH)
+    for i in range(STEPS):
+        assert not set(p0["ids"][i]) & set(p1["ids"][i]), f"step {i}: shards overlap"
+        np.testing.assert_array_equal(np.concatenate([p0["ids"][i], p1["ids"][i]]), ref["ids"][i],
+                                      err_msg=f"step {i}: the shards' union is not the batch")
+    # the mesh holds process 0's devices first, so shard_batch's global array is that union
+    np.testing.assert_array_equal(p0["mesh_processes"], [0, 0, 1, 1])
+    for p in (p0, p1):
+        np.testing.assert_array_equal(p["global_x0"], ref["global_x0"])
+
+    # training: the same parameters as one process on the whole batch (to float rounding: the
+    # gradient all-reduce runs over processes), identical on both processes
+    np.testing.assert_array_equal(p0["params_0"], ref["params_0"])
+    assert np.abs(ref["params"] - ref["params_0"]).max() > 1e-3  # the steps moved the parameters
+    for name in ("params", "ema_params"):
+        np.testing.assert_array_equal(p0[name], p1[name])
+        np.testing.assert_allclose(p0[name], ref[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    assert int(p0["step"]) == int(ref["step"]) == STEPS
+
+    # checkpoint: every leaf of the state restored (in a new Checkpointer) as saved
+    n_leaves = sum(k.startswith("saved_") for k in p0)
+    assert n_leaves > 0
+    for p in (p0, p1):
+        for j in range(n_leaves):
+            np.testing.assert_array_equal(p[f"restored_{j}"], p[f"saved_{j}"], err_msg=f"leaf {j}")
+            np.testing.assert_array_equal(p[f"saved_{j}"], p0[f"saved_{j}"])
