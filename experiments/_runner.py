@@ -33,8 +33,8 @@ from dpm.training import (
     make_mesh,
     make_optimizer,
     make_train_step,
-    replicate,
     shard_batch,
+    shard_state,
     warmup_ema_decay,
 )
 from experiments import _io
@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(
         dict(steps=2000, batch_size=128, log_every=50, ckpt_every=500, keep=3,
              sample_every=0, sample_steps=20, num_sample_images=64, fast_compile=False,
-             max_skipped_fraction=0.01)
+             max_skipped_fraction=0.01, fsdp=1)
     )
     return c
 
@@ -248,6 +248,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         n_dev = jax.device_count()
         _check(t.batch_size % n_dev == 0, "train.batch_size", t.batch_size,
                f"a multiple of the {n_dev} devices (the batch is split over them)")
+        fsdp = t.get("fsdp", 1)
+        _check(_is_int(fsdp) and fsdp >= 1 and n_dev % fsdp == 0, "train.fsdp", fsdp,
+               f"an int >= 1 dividing the {n_dev} devices (1: replicated state; N: parameters "
+               "and optimizer state split over N devices)")
     except (KeyError, AttributeError) as e:
         raise ConfigError(f"config lacks a field of base_config(): {e}") from None
 
@@ -341,11 +345,14 @@ def fit(
       ckpt_config: what must match to resume (model, data, ...), stored with each checkpoint.
       ckpt_every, keep: checkpoint period and the number kept.
       log_every: metrics period.
-      extra: further train-step arguments (e.g. a frozen network's parameters), replicated.
+      extra: further train-step arguments (e.g. a frozen network's parameters), laid out like
+        the state (replicated, or split by ``dpm.training.shard_state`` on an fsdp mesh).
       fast_compile: compile with XLA backend optimisations off (smoke runs).
       progress: show a progress bar.
       label: the progress bar's name.
-      mesh: the device mesh (all devices by default).
+      mesh: the device mesh (all devices by default); ``dpm.training.make_mesh(fsdp=N)``
+        splits the state's large leaves over N devices (its optimizer must keep per-leaf
+        moments, ``make_optimizer(flatten=False)``).
       on_step: optional ``(done, state) -> None`` called after every step.
       max_skipped_fraction: the run fails (``RuntimeError`` with the count) once more than this
         fraction of ``steps`` had its update skipped for a non-finite loss or gradient: a run
@@ -386,8 +393,8 @@ def _fit_locked(train_step, state, it, workdir, *, steps, ckpt_config, ckpt_ever
     )
 
     mesh = make_mesh() if mesh is None else mesh
-    state = replicate(state, mesh)
-    extra = tuple(replicate(e, mesh) for e in extra)
+    state = shard_state(state, mesh)  # replicated unless the mesh has an "fsdp" axis
+    extra = tuple(shard_state(e, mesh) for e in extra)
     # fast_compile: XLA backend optimisations off, for smoke runs (compiles in a fraction of the
     # time, steps run slower)
     steps_fn = tuple(jitted_step(f, mesh, bool(fast_compile)) for f in (
@@ -487,10 +494,14 @@ def train_denoiser(
     graphdef, params = build_unet(ucfg, config.seed)
     schedule = make_schedule(config.diffusion)
     o = config.optim
+    fsdp = config.train.get("fsdp", 1)
     optimizer = make_optimizer(
         o.learning_rate, total_steps=config.train.steps,
         warmup_steps=min(o.warmup_steps, config.train.steps - 1),
         weight_decay=o.weight_decay, clip_norm=o.clip_norm, schedule=o.schedule,
+        # sharded parameters need per-leaf moments; so a checkpoint of an fsdp=1 run (flat
+        # moments) resumes with fsdp=1 only, one of fsdp=N > 1 with any N > 1
+        flatten=fsdp == 1,
     )
     state = init_train_state(params, optimizer, jax.random.key(config.seed))
     loss = make_loss(graphdef, schedule, config.diffusion, num_classes=ucfg.num_classes,
@@ -512,7 +523,8 @@ def train_denoiser(
         make_train_step(loss, optimizer, ema_decay=ema), state, it, workdir, steps=t.steps,
         ckpt_config=_checkpoint_config(config), ckpt_every=t.ckpt_every, keep=t.keep,
         log_every=t.log_every, fast_compile=bool(t.get("fast_compile")), progress=progress,
-        on_step=sample_grid, max_skipped_fraction=float(t.get("max_skipped_fraction", 0.01)))
+        on_step=sample_grid, max_skipped_fraction=float(t.get("max_skipped_fraction", 0.01)),
+        mesh=make_mesh(fsdp=fsdp))
     trained.state = state
     trained.steps_run = max(t.steps - start, 0)
     trained.seconds = time.perf_counter() - t_start

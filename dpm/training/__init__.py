@@ -1,11 +1,16 @@
 """Training machinery: the train state, optimizer and EMA (optax), the jitted data-parallel
-train step (and the two-network GAN step), device meshes and sharding, atomic, verified,
-resumable checkpoints, and the workdir lock (one writer per run)."""
+train step (and the two-network GAN step), device meshes and sharding (a replicated or an
+FSDP parameter-sharded state), atomic, verified, resumable checkpoints, and the workdir lock
+(one writer per run)."""
 
 from dpm.training.checkpoint import Checkpointer
 from dpm.training.gan import gan_optimizers, init_gan_state, make_gan_step
 from dpm.training.sharding import (
+    FSDP_AXIS,
+    FSDP_MIN_SIZE,
     batch_sharding,
+    fsdp_sharding,
+    fsdp_size,
     initialize_distributed,
     make_mesh,
     process_batch_size,
@@ -14,6 +19,8 @@ from dpm.training.sharding import (
     replicate,
     replicated,
     shard_batch,
+    shard_state,
+    state_shardings,
 )
 from dpm.training.train import (
     LR_SCHEDULES,
@@ -32,6 +39,8 @@ from dpm.training.train import (
 from dpm.training.workdir import WorkdirBusyError, WorkdirLock
 
 __all__ = [
+    "FSDP_AXIS",
+    "FSDP_MIN_SIZE",
     "LR_SCHEDULES",
     "Checkpointer",
     "TrainState",
@@ -42,6 +51,8 @@ __all__ = [
     "ema_update",
     "fast_compile_options",
     "flatten_if_uniform",
+    "fsdp_sharding",
+    "fsdp_size",
     "gan_optimizers",
     "init_gan_state",
     "init_train_state",
@@ -58,5 +69,7 @@ __all__ = [
     "replicate",
     "replicated",
     "shard_batch",
+    "shard_state",
+    "state_shardings",
     "warmup_ema_decay",
 ]

@@ -1,4 +1,5 @@
-"""Data parallelism in today's JAX form: a 1-D device mesh, a sharded batch, a replicated state.
+"""Data parallelism in today's JAX form: a device mesh, a sharded batch, a replicated or
+parameter-sharded (FSDP) state.
 
 The same jitted train step runs on one CPU, on 8 fake CPU devices, on one GPU or on a TPU pod slice:
 the state is replicated (``PartitionSpec()``), the batch is split along its leading axis over the
@@ -10,10 +11,36 @@ Typical use::
     state = replicate(state, mesh)
     step = jit_train_step(train_step, mesh)       # dpm.training
     state, metrics = step(state, shard_batch(host_batch, mesh))
+
+**Sharded parameters (FSDP, ZeRO-3).** ``make_mesh(fsdp=N)`` is a 2-D mesh ``("data", "fsdp")``
+of shape ``(n_devices / N, N)``. On it the batch is split over both axes (its leading axis over
+``("data", "fsdp")``: every device still gets its own examples), and every leaf of the state --
+parameters, EMA, optimizer moments -- is split over ``"fsdp"`` along its largest axis whose size
+``N`` divides (:func:`fsdp_sharding`; ties go to the leading axis); leaves with no such axis, and
+leaves of fewer than ``FSDP_MIN_SIZE`` elements (scalars, biases, norm scales), stay replicated.
+Each device then holds about ``1 / N`` of the state; the compiler gathers a parameter where it is
+used and reduce-scatters its gradient. ``jit_train_step`` takes the state's (and the extra
+arguments', e.g. a teacher's parameters) shardings from :func:`state_shardings` on such a mesh,
+and :func:`shard_state` places a state into that layout (``replicate``'s counterpart)::
+
+    mesh = make_mesh(fsdp=4)                      # 8 devices: data=2 x fsdp=4
+    optimizer = make_optimizer(..., flatten=False)  # one moment per parameter leaf
+    state = shard_state(init_train_state(params, optimizer, key), mesh)
+    step = jit_train_step(train_step, mesh)
+    state, metrics = step(state, shard_batch(host_batch, mesh))
+
+The optimizer must keep one moment per parameter leaf (``make_optimizer(flatten=False)``,
+``gan_optimizers(flatten=False)``), so that each moment is sharded like its parameter: a state
+whose ``opt_state`` holds the parameters raveled into one vector (the default ``flatten=True``)
+is refused with an error naming ``flatten``. A checkpoint saved in one layout restores into the
+other (``Checkpointer.restore_latest`` takes the shardings of the abstract state it is given).
+On a mesh without an ``"fsdp"`` axis (or ``fsdp=1``) every function here gives today's replicated
+layout.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +49,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
+    "FSDP_AXIS",
+    "FSDP_MIN_SIZE",
     "batch_sharding",
+    "fsdp_sharding",
+    "fsdp_size",
     "initialize_distributed",
     "make_mesh",
     "process_batch_size",
@@ -31,28 +62,65 @@ __all__ = [
     "replicate",
     "replicated",
     "shard_batch",
+    "shard_state",
+    "state_shardings",
 ]
+
+FSDP_AXIS = "fsdp"  # the mesh axis over which parameters and optimizer state are split
+FSDP_MIN_SIZE = 1024  # leaves with fewer elements stay replicated (scalars, biases, norm scales)
 
 # Set once `initialize_distributed` has brought up the multi-host runtime (idempotence).
 _DISTRIBUTED_INITIALIZED = False
 
-def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = "data") -> Mesh:
-    """A 1-D device mesh over which the batch is split.
+def make_mesh(
+    devices: Sequence[jax.Device] | None = None, axis_name: str = "data", *, fsdp: int = 1
+) -> Mesh:
+    """A 1-D device mesh over which the batch is split, or a 2-D one that also splits the state.
 
     Args:
       devices: the devices of the mesh, in order; all devices of all processes (``jax.devices()``)
         by default.
-      axis_name: the name of the single mesh axis.
+      axis_name: the name of the batch (data-parallel) mesh axis.
+      fsdp: the number of devices over which every large state leaf is split (see the module
+        docstring); 1 keeps the state replicated.
 
     Returns:
-      A ``jax.sharding.Mesh`` of shape ``(len(devices),)`` with axis ``(axis_name,)``.
+      A ``jax.sharding.Mesh``: of shape ``(len(devices),)`` with axis ``(axis_name,)`` when
+      ``fsdp == 1``; else of shape ``(len(devices) // fsdp, fsdp)`` with axes
+      ``(axis_name, "fsdp")``, consecutive devices sharing a data-parallel row.
+
+    Raises:
+      ValueError: when ``devices`` is empty, ``axis_name`` is not a non-empty str (other than
+        ``"fsdp"`` when ``fsdp > 1``), or ``fsdp`` is not an int >= 1 dividing the number of
+        devices.
     """
     devices = jax.devices() if devices is None else list(devices)
     if len(devices) == 0:
         raise ValueError("make_mesh: devices is empty; expected at least one device.")
     if not isinstance(axis_name, str) or not axis_name:
         raise ValueError(f"make_mesh: axis_name must be a non-empty str, got {axis_name!r}.")
-    return Mesh(np.asarray(devices, dtype=object), (axis_name,))
+    if isinstance(fsdp, bool) or not isinstance(fsdp, int | np.integer) or fsdp < 1:
+        raise ValueError(f"make_mesh: fsdp must be an int >= 1, got {fsdp!r}.")
+    if fsdp > 1 and axis_name == FSDP_AXIS:
+        raise ValueError(
+            f"make_mesh: axis_name must differ from {FSDP_AXIS!r} (the second axis) when "
+            f"fsdp={fsdp} > 1."
+        )
+    if len(devices) % fsdp != 0:
+        raise ValueError(
+            f"make_mesh: fsdp={fsdp} must divide the number of devices ({len(devices)}); the "
+            "mesh is (devices / fsdp) data-parallel rows of fsdp devices each."
+        )
+    if fsdp == 1:
+        return Mesh(np.asarray(devices, dtype=object), (axis_name,))
+    grid = np.asarray(devices, dtype=object).reshape(len(devices) // fsdp, int(fsdp))
+    return Mesh(grid, (axis_name, FSDP_AXIS))
+
+
+def fsdp_size(mesh: Mesh) -> int:
+    """The size of ``mesh``'s ``"fsdp"`` axis: the number of parts a sharded leaf is split into
+    (1 for a mesh without one)."""
+    return int(mesh.shape.get(FSDP_AXIS, 1))
 
 
 def _batch_spec(mesh: Mesh) -> PartitionSpec:
@@ -168,6 +236,111 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         return jax.device_put(x, sharding)
 
     return jax.tree.map(put, tree)
+
+
+def fsdp_sharding(
+    shape: Sequence[int], mesh: Mesh, *, min_size: int = FSDP_MIN_SIZE
+) -> NamedSharding:
+    """The sharding of one state array of shape ``shape`` on ``mesh`` (the FSDP rule).
+
+    The array is split over the ``"fsdp"`` mesh axis along its largest axis whose size the fsdp
+    size divides (ties: the leading one), and replicated over the other mesh axes. It is fully
+    replicated when the mesh has no ``"fsdp"`` axis (or one of size 1), when it has fewer than
+    ``min_size`` elements (scalars included), or when no axis is divisible.
+
+    Args:
+      shape: the array's shape.
+      mesh: the device mesh.
+      min_size: the fewest elements an array must have to be split.
+
+    Returns:
+      ``NamedSharding(mesh, PartitionSpec(None, ..., "fsdp", ..., None))`` or ``replicated(mesh)``.
+
+    Example::
+
+        mesh = make_mesh(fsdp=4)                  # 8 devices
+        fsdp_sharding((3, 3, 64, 128), mesh).spec  # PartitionSpec(None, None, None, 'fsdp')
+        fsdp_sharding((6, 10), mesh).spec          # PartitionSpec() (no axis divisible by 4)
+    """
+    n = fsdp_size(mesh)
+    shape = tuple(int(d) for d in shape)
+    if n == 1 or math.prod(shape) < min_size:
+        return replicated(mesh)
+    divisible = [i for i, d in enumerate(shape) if d % n == 0]
+    if not divisible:
+        return replicated(mesh)
+    axis = max(divisible, key=lambda i: (shape[i], -i))  # the largest; ties: the leading one
+    return NamedSharding(mesh, PartitionSpec(*([None] * axis), FSDP_AXIS))
+
+
+def _check_per_leaf_moments(state: Any) -> None:
+    """Refuse a train state whose optimizer ravels the parameters into one vector: a moment
+    vector longer than every parameter leaf is several leaves' moments concatenated."""
+    params, opt_state = getattr(state, "params", None), getattr(state, "opt_state", None)
+    if params is None or opt_state is None:
+        return
+    largest = max((math.prod(np.shape(p)) for p in jax.tree.leaves(params)), default=0)
+    for path, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        if np.ndim(x) == 1 and np.shape(x)[0] > largest:
+            raise ValueError(
+                f"state_shardings: opt_state{_leaf_name(path)} is one vector of "
+                f"{np.shape(x)[0]} elements, longer than every parameter leaf (the largest has "
+                f"{largest}): the optimizer ravels the parameters into one vector "
+                "(make_optimizer / gan_optimizers with flatten=True, the default, or "
+                "flatten_if_uniform). Sharded parameters (an 'fsdp' mesh) need one moment per "
+                "parameter leaf: build the optimizer with flatten=False."
+            )
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """The sharding of every leaf of a train state (or any pytree of arrays) on ``mesh``.
+
+    On a mesh with an ``"fsdp"`` axis each leaf gets :func:`fsdp_sharding` of its shape (the
+    parameters, their EMA and the optimizer's moments alike); on any other mesh every leaf is
+    replicated.
+
+    Args:
+      state: a pytree of arrays or ``jax.ShapeDtypeStruct``s, e.g. a ``TrainState`` or its
+        ``jax.eval_shape``.
+      mesh: the device mesh.
+
+    Returns:
+      The pytree of ``NamedSharding``s, of the structure of ``state``.
+
+    Raises:
+      ValueError: on an fsdp mesh, for a state (with ``params`` and ``opt_state``) whose
+        optimizer ravels the parameters into one vector (``make_optimizer(flatten=True)``):
+        build it with ``flatten=False``.
+    """
+    if fsdp_size(mesh) > 1:
+        _check_per_leaf_moments(state)
+    return jax.tree.map(lambda x: fsdp_sharding(np.shape(x), mesh), state)
+
+
+def shard_state(state: Any, mesh: Mesh) -> Any:
+    """Place every leaf of ``state`` with its :func:`state_shardings` sharding on ``mesh``.
+
+    ``replicate``'s counterpart for a parameter-sharded state: on a mesh without an ``"fsdp"``
+    axis it is :func:`replicate`. On several processes every process must pass the same values.
+
+    Raises:
+      ValueError: as :func:`state_shardings`.
+    """
+    if fsdp_size(mesh) == 1:
+        return replicate(state, mesh)
+    shardings = state_shardings(state, mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(state, shardings)
+
+    def put(x, sharding):  # as in replicate: through host memory for another process's devices
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
+                                            impl=jax.random.key_impl(x))
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            x = np.asarray(x)
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, state, shardings)
 
 
 def initialize_distributed(**kwargs: Any) -> bool:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from dpm.training.sharding import batch_sharding, replicated
+from dpm.training.sharding import batch_sharding, fsdp_size, replicated, state_shardings
 
 __all__ = [
     "LR_SCHEDULES",
@@ -496,12 +496,16 @@ def jit_train_step(
 
     With a mesh the state, the extra arguments (e.g. teacher parameters) and the outputs are
     replicated and every batch leaf is split along its leading axis over the ``"data"`` axis
-    (see ``dpm.training.sharding``); the compiler inserts the gradient all-reduce. Without one it
-    is a plain ``jax.jit``.
+    (see ``dpm.training.sharding``); the compiler inserts the gradient all-reduce. On a mesh
+    with an ``"fsdp"`` axis (``make_mesh(fsdp=N)``) the input and output state and the extra
+    arguments are laid out by ``dpm.training.state_shardings`` instead (large leaves split over
+    ``"fsdp"``; place the state with ``shard_state``, the extras too), the batch is split over
+    all devices, the metrics are replicated, and the program is compiled on the first call for
+    the state's shapes. Without a mesh it is a plain ``jax.jit``.
 
     Args:
       train_step: from :func:`make_train_step` (or any ``(state, batch, *extra) -> (state, m)``).
-      mesh: a 1-D device mesh, or None.
+      mesh: a 1-D device mesh, a 2-D ``("data", "fsdp")`` one, or None.
       donate: donate the input state's buffers to the output (do not reuse the input state).
       compiler_options: XLA options passed to ``jax.jit`` (e.g. :func:`fast_compile_options`
         for faster compiles of smoke runs).
@@ -514,6 +518,8 @@ def jit_train_step(
     def packed(state, batch, extra):
         return train_step(state, batch, *extra)
 
+    if mesh is not None and fsdp_size(mesh) > 1:
+        return _jit_fsdp_step(packed, mesh, donate_argnums, compiler_options)
     if mesh is None:
         jitted = jax.jit(packed, donate_argnums=donate_argnums, compiler_options=compiler_options)
     else:
@@ -532,4 +538,28 @@ def jit_train_step(
         return jitted(state, batch, extra)
 
     step.jitted = jitted
+    return step
+
+
+def _jit_fsdp_step(packed, mesh, donate_argnums, compiler_options):
+    """``jit_train_step`` on an fsdp mesh: the state's and extras' shardings depend on their
+    shapes, so the program is jitted per (structure, shapes, dtypes) of its first arguments."""
+    cache: dict[Any, Any] = {}
+    rep = replicated(mesh)
+
+    def step(state: TrainState, batch: PyTree, *extra: Any):
+        _check_divisible(batch, mesh.size)
+        leaves, treedef = jax.tree.flatten((state, extra))
+        signature = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        if signature not in cache:
+            state_s = state_shardings(state, mesh)
+            cache[signature] = jax.jit(
+                packed,
+                in_shardings=(state_s, batch_sharding(mesh), state_shardings(extra, mesh)),
+                out_shardings=(state_s, rep),
+                donate_argnums=donate_argnums,
+                compiler_options=compiler_options,
+            )
+        return cache[signature](state, batch, extra)
+
     return step
