@@ -75,10 +75,10 @@ def device_cached_dataclass(cls: type) -> type:
         return leaves(obj), meta(obj)
 
     def flatten_with_keys(obj):
-        return tuple(zip(keys, leaves(obj))), meta(obj)
+        return tuple(zip(keys, leaves(obj), strict=True)), meta(obj)
 
     def unflatten(aux, values):
-        return cls(**dict(zip(static, aux)), **dict(zip(names, values)))
+        return cls(**dict(zip(static, aux, strict=True)), **dict(zip(names, values, strict=True)))
 
     jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
     return cls

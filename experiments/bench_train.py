@@ -7,7 +7,11 @@
 Training: images/s of the jitted, data-parallel train step (eps loss, AdamW, EMA). Sampling:
 images/s of DPM-Solver++(2M) at ``--nfe`` evaluations, jitted whole. FLOPs per image come from
 XLA's cost analysis of the forward pass compiled for the CPU (the GPU backend under-counts
-convolutions); a training step is counted as 3x the forward. Prints a table, writes JSON.
+convolutions); a training step is counted as 3x the forward. Compile time (the first call,
+compile included) and throughput are also reported for a progressive-distillation step of the
+same U-Net (student and teacher; three forwards and one backward per example), the distillation
+step whose program is the largest of the papers' (a run of any paper logs each of its compiled
+steps' time in ``metrics.jsonl``, ``compile_s``). Prints a table, writes JSON.
 ``--fast-compile`` turns XLA's backend optimisations off (minutes less compiling on a CPU, for
 smoke runs; the FLOP counts are unchanged, the throughputs are then not representative).
 ``--per-leaf`` adds the same train step with the optimizer's moments kept per parameter leaf
@@ -131,7 +135,31 @@ def run(args) -> dict:
     train_compile, train_s, train_lines = train_bench(True)
     per_leaf = train_bench(False) if args.per_leaf else None
 
+    def distill_bench() -> tuple[float, float]:
+        """(compile s, s per step) of a progressive-distillation step (Salimans & Ho): the
+        same U-Net as student (x0 prediction) and as teacher (an extra, replicated argument),
+        two teacher DDIM steps per example inside the loss; the round's student step count is
+        a traced argument, so this one program serves every halving round."""
+        make = lambda p: dpm.network_denoiser(Partial(apply, p), schedule, "x0")  # noqa: E731
+        pd_loss = dpm.losses.progressive_distillation_loss(make)
+        opt = make_optimizer(1e-4, total_steps=10_000, warmup_steps=10)
+        step = jit_train_step(make_train_step(pd_loss, opt, ema_decay=0.0), mesh,
+                              compiler_options=opts)
+        holder = {"state": replicate(init_train_state(jax.tree.map(jnp.copy, params), opt,
+                                                      jax.random.key(0)), mesh)}
+        n = jnp.asarray(4, jnp.int32)
+
+        def once():
+            holder["state"], m = step(holder["state"], batch, p_rep, n)
+            return m["loss"]
+
+        t0 = time.perf_counter()
+        jax.block_until_ready(once())
+        return time.perf_counter() - t0, _timeit(once, args.iters)
+
     apply = lambda p, x, c_noise, cond: nnx.merge(graphdef, p)(x, c_noise, cond)
+    distill_compile, distill_s = distill_bench()
+
     ts = uniform_time(args.nfe, schedule, t_end=0.0)
 
     @functools.partial(jax.jit, compiler_options=opts)
@@ -160,6 +188,8 @@ def run(args) -> dict:
         "train_images_per_s": train_ips, "sample_images_per_s": sample_ips,
         "train_compile_s": train_compile, "sample_compile_s": sample_compile,
         "train_hlo_lines": train_lines,
+        "distill_compile_s": distill_compile,
+        "distill_images_per_s": args.train_batch / distill_s,
         "train_tflops": 3 * flops * train_ips / 1e12,
         "sample_tflops": flops * args.nfe * sample_ips / 1e12,
     }
@@ -187,6 +217,8 @@ def print_table(r: dict) -> None:
         t.add_row(f"{ph}" + (f" ({r['nfe']} NFE)" if ph == "sample" else ""), str(b),
                   f"{r[f'{ph}_images_per_s']:.1f}", f"{r[f'{ph}_tflops']:.4f}",
                   "-" if frac is None else f"{frac:.3f}", f"{r[f'{ph}_compile_s']:.1f}")
+    t.add_row("distill (PD)", str(r["train_batch"]),
+              f"{r['distill_images_per_s']:.1f}", "-", "-", f"{r['distill_compile_s']:.1f}")
     if "per_leaf_train_compile_s" in r:
         t.add_row("train, per-leaf optimizer", str(r["train_batch"]),
                   f"{r['per_leaf_train_images_per_s']:.1f}", "-", "-",

@@ -108,7 +108,9 @@ def _raise_grid_problem(a, *, name: str, method: str) -> None:
         raise ValueError(f"{method}: {problem}")
 
 
-def check_grid(ts: Array, *, min_steps: int = 1, method: str = "sampler", name: str = "ts") -> Array:
+def check_grid(
+    ts: Array, *, min_steps: int = 1, method: str = "sampler", name: str = "ts"
+) -> Array:
     """Validates a time grid: 1-D, at least ``min_steps + 1`` points, finite, inside ``[0, 1]``,
     strictly decreasing; returns ``ts``.
 
