@@ -295,6 +295,11 @@ def test_config_fsdp_trains_through_fit_and_resumes_in_another_layout(tmp_path):
     w = next(x for x in jax.tree.leaves(resumed.state.params) if x.ndim == 4 and x.size >= 1024)
     assert w.sharding.mesh.shape == {"data": 4, "fsdp": 2}
     assert not w.sharding.is_fully_replicated
+    # and on the replicated layout (fsdp=1, a 1-D mesh)
+    again = train_denoiser(_config(4, 1), str(tmp_path), progress=False)
+    assert int(again.state.step) == 4 and again.steps_run == 1
+    w = next(x for x in jax.tree.leaves(again.state.params) if x.ndim == 4 and x.size >= 1024)
+    assert w.sharding.is_fully_replicated and len(w.sharding.device_set) == 8
 
 
 def test_config_fsdp_must_divide_the_device_count():

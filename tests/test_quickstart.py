@@ -72,6 +72,11 @@ def test_quickstart_smoke_oracle_and_resume(tmp_path, capsys):
     pngs = [p for p in os.listdir(os.path.join(workdir, "samples")) if p.endswith(".png")]
     assert len(pngs) == len(rows)
     assert _steps_logged(workdir) == [2, 4]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    # the train step's first call (its compile) is timed once, in the first record
+    assert records[0]["compile_s"] > 0 and "compile_s" not in records[1]
+    assert "train step 0 compiled and ran once in" in first
 
     # a re-run with nothing changed reads every sampler's row back; a changed setting
     # recomputes only the rows it touches (here TS-DDIM's cutoff)
