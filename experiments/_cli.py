@@ -34,6 +34,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_dict, config_flags
 
+from dpm.training import initialize_distributed
+
 # Types config_flags parses by itself; other fields (None, lists, ...) are parsed as literals.
 _FLAG_TYPES = (bool, int, float, str, tuple, ml_collections.ConfigDict, object)
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)(?:=(.*))?$", re.DOTALL)
@@ -279,6 +281,14 @@ def parse_args(
         spec, _ = _split_config_flag([a for a in args if a not in ("-h", "--help")])
         print(_usage(description, default_config) + str(load_config(spec or default_config)))
         raise SystemExit(0)
+    # A run launched as one of several processes (a TPU pod slice, Slurm, Open MPI, or
+    # JAX_COORDINATOR_ADDRESS) joins the others before any JAX call (the config's validation
+    # counts devices); a single process goes on as it is.
+    if initialize_distributed():
+        import jax
+
+        print(f"multi-host run: process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} of {jax.device_count()} devices here", flush=True)
     try:
         return parse_config_args(args, default_config, validate=validate)
     except UsageError as e:

@@ -9,6 +9,7 @@ runtime must come up before JAX's backends, and this pytest process has 8 device
 is killed when it outlives ``TIMEOUT_S`` or when another worker failed.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -43,17 +44,19 @@ def _tail(path: Path, n: int = 40) -> str:
     return "\n".join(lines[-n:])
 
 
-def _run_workers(runs: dict[str, tuple[list[str], int]], logs: Path) -> None:
-    """Run ``{name: (worker arguments, number of devices)}`` concurrently; fail with each failed
-    worker's output tail. A worker still running when another fails, or after ``TIMEOUT_S``, is
-    killed (a lone distributed process would wait for its peer)."""
+def _run_workers(runs: dict[str, tuple], logs: Path) -> None:
+    """Run ``{name: (worker arguments, number of devices[, extra environment])}`` concurrently
+    (arguments starting with ``-m`` run that module instead of the worker); fail with each
+    failed worker's output tail. A worker still running when another fails, or after
+    ``TIMEOUT_S``, is killed (a lone distributed process would wait for its peer)."""
     procs = {}
     try:
-        for name, (args, n_devices) in runs.items():
+        for name, (args, n_devices, *extra) in runs.items():
             log = open(logs / f"{name}.log", "w")  # closed below
-            procs[name] = (subprocess.Popen([sys.executable, str(WORKER), *args],
-                                            stdout=log, stderr=subprocess.STDOUT,
-                                            env=_env(n_devices)), log)
+            cmd = [sys.executable, *(args if args[0] == "-m" else [str(WORKER), *args])]
+            env = {**_env(n_devices), **(extra[0] if extra else {})}
+            procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            cwd=Path(__file__).parent.parent), log)
         deadline = time.monotonic() + TIMEOUT_S
         while any(p.poll() is None for p, _ in procs.values()):
             if time.monotonic() > deadline or any(p.poll() for p, _ in procs.values()):
@@ -115,3 +118,37 @@ def test_two_processes_match_one(tmp_path):
         for j in range(n_leaves):
             np.testing.assert_array_equal(p[f"restored_{j}"], p[f"saved_{j}"], err_msg=f"leaf {j}")
             np.testing.assert_array_equal(p[f"saved_{j}"], p0[f"saved_{j}"])
+
+
+def test_the_train_command_on_two_processes(tmp_path):
+    """The README's multi-host launch by hand: the same ``python -m experiments.train`` command on
+    two processes with ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
+    (its command line brings the runtime up first) logs the same losses as one process with the
+    same 4 devices, into one shared workdir."""
+    port = str(_free_port())
+    args = ["--config.train.steps=3", "--config.train.batch_size=8", "--config.train.log_every=1",
+            "--config.train.sample_every=0", "--config.train.fast_compile=True",
+            "--config.model.base_channels=8", "--config.model.channel_mult=(1,)",
+            "--config.model.attn_resolutions=()", "--config.optim.warmup_steps=0"]
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    launch = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+              "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    train = ["-m", "experiments.train", "--workdir"]
+    _run_workers({
+        "train_0": ([*train, str(multi), *args], 2, {**launch, "JAX_PROCESS_ID": "0"}),
+        "train_1": ([*train, str(multi), *args], 2, {**launch, "JAX_PROCESS_ID": "1"}),
+        "train_single": ([*train, str(single), *args], 4),
+    }, tmp_path)
+
+    def losses(workdir):
+        with open(workdir / "metrics.jsonl") as f:
+            records = [json.loads(line) for line in f]
+        assert [r["step"] for r in records] == [1, 2, 3]  # written once, by process 0
+        return np.array([r["loss"] for r in records])
+
+    for i in (0, 1):  # one run of two processes, not two runs
+        assert f"multi-host run: process {i} of 2, 2 of 4 devices here" in _tail(
+            tmp_path / f"train_{i}.log", 1000)
+    np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-5)
+    assert (multi / ".lock").exists()  # process 0's: the run's one lock
+    assert sorted(os.listdir(multi / "checkpoints")) == sorted(os.listdir(single / "checkpoints"))

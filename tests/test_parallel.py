@@ -177,6 +177,32 @@ def test_initialize_distributed_uses_jax_cluster_detection_and_is_idempotent(mon
     assert calls == [{}, kwargs]
 
 
+def test_initialize_distributed_after_jax_has_run(monkeypatch):
+    """In a process where JAX already computed (this test session) the runtime cannot come up:
+    a single process is told False; arguments, or a launcher's environment naming several
+    processes, get an error saying to call it first."""
+    jax.devices()
+    monkeypatch.setattr(parallel, "_DISTRIBUTED_INITIALIZED", False)
+    for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
+                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    assert initialize_distributed() is False
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # a batch script's own step: one process
+    assert initialize_distributed() is False
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    with pytest.raises(RuntimeError, match="SLURM_STEP_NUM_TASKS=4.*before any other JAX call"):
+        initialize_distributed()
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1,t2")
+    with pytest.raises(RuntimeError, match="TPU_WORKER_HOSTNAMES"):
+        initialize_distributed()
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    with pytest.raises(RuntimeError, match="already run"):
+        initialize_distributed(coordinator_address="127.0.0.1:1", num_processes=2, process_id=0)
+
+
 def test_initialize_distributed_on_one_process_with_real_jax():
     # the real jax.distributed.initialize, in a clean environment (no cluster variables)
     import subprocess

@@ -41,6 +41,7 @@ layout.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -343,13 +344,31 @@ def shard_state(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, state, shardings)
 
 
+def _multi_process_hint() -> str | None:
+    """The environment variable saying this process is one of several (a launcher's), or None."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return f"JAX_COORDINATOR_ADDRESS={os.environ['JAX_COORDINATOR_ADDRESS']}"
+    # Slurm: the job step's task count when set (a batch script's own step has 1), else the job's
+    slurm = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in os.environ else "SLURM_NTASKS"
+    for name in (slurm, "OMPI_COMM_WORLD_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 1:
+            return f"{name}={value}"
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in hosts:
+        return f"TPU_WORKER_HOSTNAMES={hosts}"
+    return None
+
+
 def initialize_distributed(**kwargs: Any) -> bool:
     """Bring up JAX's multi-host runtime when this run spans several processes; idempotent.
 
     Calls ``jax.distributed.initialize(**kwargs)``, which detects the cluster itself (Cloud TPU
     pods, Slurm, Open MPI, Kubernetes, ... and ``JAX_COORDINATOR_ADDRESS``) and fills in the
     arguments not given (``coordinator_address``, ``num_processes``, ``process_id``; or pass
-    ``cluster_detection_method=...``). When no argument is given and JAX detects no cluster, the run
+    ``cluster_detection_method=...``). A launch by hand sets ``JAX_COORDINATOR_ADDRESS=host:port``
+    with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on every process (read here when no argument
+    is given). When no argument is given and JAX detects no cluster, the run
     is a single process and nothing is done. Every call after a successful one does nothing. Call
     it before any other JAX call.
 
@@ -359,16 +378,48 @@ def initialize_distributed(**kwargs: Any) -> bool:
     Returns:
       True when the multi-host runtime is up after the call, False for a single-process run.
 
+    A process in which JAX has already computed (a notebook, a test session) cannot bring the
+    runtime up any more: without arguments and without a launcher's environment variables
+    (``JAX_COORDINATOR_ADDRESS``, Slurm's or Open MPI's task count > 1, several
+    ``TPU_WORKER_HOSTNAMES``) it is taken for the single process it is, and False is returned.
+
     Raises:
       ValueError: from ``jax.distributed.initialize`` when arguments were given, or a detected
         cluster is misconfigured.
+      RuntimeError: JAX already ran in this process and arguments were given or the environment
+        names several processes.
     """
     global _DISTRIBUTED_INITIALIZED
     if _DISTRIBUTED_INITIALIZED or jax.distributed.is_initialized():
         _DISTRIBUTED_INITIALIZED = True
         return True
+    if not kwargs and os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        # a hand-made launch (no Slurm / MPI / TPU pod to detect): the process count and this
+        # process's index from the environment, beside JAX's own JAX_COORDINATOR_ADDRESS
+        for key, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            value = os.environ.get(name)
+            if value is not None:
+                if not value.isdigit():
+                    raise ValueError(f"initialize_distributed: {name} must be a non-negative "
+                                     f"integer; got {value!r}")
+                kwargs[key] = int(value)
     try:
         jax.distributed.initialize(**kwargs)
+    except RuntimeError as e:
+        # JAX already computed in this process (a notebook, a test session, a second command
+        # run in-process): too late to bring the runtime up. Fine for a single process; not
+        # when arguments were given or the environment says the run spans several processes.
+        hint = _multi_process_hint()
+        if kwargs or hint is not None or "before" not in str(e):
+            raise RuntimeError(
+                "initialize_distributed: JAX has already run in this process, so the multi-host "
+                "runtime can no longer be brought up"
+                + (f", but the environment says this run spans several processes ({hint})"
+                   if hint else "")
+                + ". Call it before any other JAX call (the experiments' command lines do, "
+                "first thing)."
+            ) from e
+        return False
     except ValueError as e:
         # JAX's own answer to "no cluster detected and no coordinator given": a single process.
         if kwargs or "coordinator_address" not in str(e):
