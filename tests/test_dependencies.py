@@ -8,7 +8,8 @@ import sys
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXTRAS_ONLY = ("sklearn", "skimage", "PIL", "rich", "matplotlib")
+EXTRAS_ONLY = ("sklearn", "skimage", "PIL", "rich", "matplotlib", "torch", "diffusers")
+COMPARE_ONLY = ("torch", "diffusers")  # [compare]: experiments/bench_vs_torch.py, in functions
 CORE = {"jax", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "ml_collections", "absl-py"}
 
 
@@ -56,6 +57,17 @@ def test_library_modules_import_extras_only_inside_functions():
     assert offenders == {}
 
 
+def test_experiments_import_torch_only_inside_functions():
+    # experiments.bench_vs_torch imports torch and diffusers lazily: every experiment module
+    # (and the JAX side of the comparison) imports without the [compare] extra
+    offenders = {}
+    for path in sorted((ROOT / "experiments").rglob("*.py")):
+        bad = _module_level_imports(path) & set(COMPARE_ONLY)
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert offenders == {}
+
+
 def test_the_scan_finds_a_module_level_import(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("import os\nfrom PIL import Image\ndef f():\n    import sklearn\n")
@@ -70,3 +82,5 @@ def test_pyproject_core_and_extras():
         "scikit-learn", "scikit-image", "pillow", "rich", "matplotlib"}
     assert "dpm[experiments]" in extras["test"] and "pytest" in map(_name, extras["test"])
     assert extras["cuda"] == ["jax[cuda12]"] and extras["tpu"] == ["jax[tpu]"]
+    assert {_name(r) for r in extras["compare"]} == {"dpm", "torch", "diffusers"}
+    assert "dpm[experiments]" in extras["compare"]
