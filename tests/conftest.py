@@ -7,6 +7,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session's workers and the subprocesses they start
+# (programs compiled by several tests, or by both workers, compile once); kept between runs in
+# .pytest_cache (a fresh clone, as in CI, starts cold). Bounded and locked (filelock).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "xla"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

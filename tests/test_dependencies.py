@@ -79,7 +79,7 @@ def test_pyproject_core_and_extras():
     assert {_name(r) for r in project["dependencies"]} == CORE
     extras = project["optional-dependencies"]
     assert {_name(r) for r in extras["experiments"]} == {
-        "scikit-learn", "scikit-image", "pillow", "rich", "matplotlib"}
+        "scikit-learn", "scikit-image", "pillow", "rich", "matplotlib", "filelock"}
     assert "dpm[experiments]" in extras["test"] and "pytest" in map(_name, extras["test"])
     assert extras["cuda"] == ["jax[cuda12]"] and extras["tpu"] == ["jax[tpu]"]
     assert {_name(r) for r in extras["compare"]} == {"dpm", "torch", "diffusers"}
