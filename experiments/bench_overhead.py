@@ -222,20 +222,17 @@ def print_tables(r: dict) -> None:
                   f"{row['us_per_call'] / 1e3:.2f}", f"{row['overhead_ratio']:.3f}")
     con.print(t)
     steps = r["compile_steps"]
-    hi = max(steps)
-    t = Table(title="Compile time (s) and temporary memory (MiB) by number of steps")
-    t.add_column("sampler")
-    for S in steps:
-        t.add_column(f"compile {S}", justify="right")
-    t.add_column(f"{hi} / {min(steps)}", justify="right")
-    for S in steps:
-        t.add_column(f"temp {S}", justify="right")
-    t.add_column(f"temp {hi}, trajectory", justify="right")
-    t.add_column("bytes / step (state)", justify="right")
+    hi, lo = max(steps), min(steps)
+    each = " / ".join(str(S) for S in steps)
+    t = Table(title="Compile time and temporary memory by number of steps")
+    for col in ("sampler", f"compile s ({each})", f"{hi} / {lo}", f"temp MiB ({each})",
+                f"with trajectory, {hi}", "bytes / step (one state)"):
+        t.add_column(col, justify="right")
     mib = lambda b: "-" if b is None else f"{b / 2**20:.2f}"  # noqa: E731
     for row in r["compile_and_memory"]:
-        t.add_row(row["sampler"], *(f"{row[f'compile_s_{S}']:.2f}" for S in steps),
-                  f"{row['compile_ratio']:.2f}", *(mib(row[f"temp_bytes_{S}"]) for S in steps),
+        t.add_row(row["sampler"], " / ".join(f"{row[f'compile_s_{S}']:.2f}" for S in steps),
+                  f"{row['compile_ratio']:.2f}",
+                  " / ".join(mib(row[f"temp_bytes_{S}"]) for S in steps),
                   mib((row[f"temp_bytes_{hi}_trajectory"] or 0)
                       + (row[f"output_bytes_{hi}_trajectory"] or 0)),
                   f"{row['temp_bytes_per_step']:.0f} ({row['state_bytes']})")

@@ -460,7 +460,8 @@ def jax_train_step(graphdef, params, schedule, batch_size: int, H: int, C: int) 
     mesh = make_mesh(jax.devices()[:1])  # one device, as torch
     diffusion = ml_collections.ConfigDict(dict(prediction="eps", weighting="eps",
                                                time_sampler="discrete", preconditioning=None))
-    opt = make_optimizer(LR, total_steps=10_000, schedule="constant", clip_norm=CLIP_NORM)
+    opt = make_optimizer(LR, total_steps=10_000, schedule="constant", clip_norm=CLIP_NORM,
+                         flatten=False)  # per-leaf moments, as experiments.train
     train_step = make_train_step(make_loss(graphdef, schedule, diffusion), opt,
                                  ema_decay=EMA_DECAY)
     state = replicate(init_train_state(jax.tree.map(jnp.copy, params), opt, jax.random.key(0)),
@@ -474,6 +475,63 @@ def jax_train_step(graphdef, params, schedule, batch_size: int, H: int, C: int) 
         return jax.block_until_ready(m["loss"])
 
     return once
+
+
+ALONE = "project (JAX), own process"
+
+
+def jax_alone_rows(args) -> list[dict]:
+    """Section A's JAX sampling and training timed in a process that never loads torch.
+
+    In one process with torch, XLA's CPU programs run slower than alone (measured on 2 cores:
+    the tiny U-Net's 10-NFE sampling 89 images/s alone, ~62 interleaved with torch; importing
+    torch and running one op already costs ~12 %): the two frameworks' thread pools share the
+    cores. This row is the JAX side as a user runs it; the ratio beside it divides by the torch
+    row of the interleaved timing."""
+    cfg32 = unet_config(args.preset)
+    _, params = nets.init_params(nets.UNet, cfg32, seed=0)
+    params = perturbed(params)
+    schedule = dpm.DiscreteVP.from_name("linear")
+    rows = []
+    for dtype in dict.fromkeys(("float32", args.dtype)):
+        cfg = unet_config(args.preset, dtype)
+        H, C = cfg.image_size, cfg.in_channels
+        graphdef = nnx.split(nnx.eval_shape(lambda cfg=cfg: nets.UNet(cfg, rngs=nnx.Rngs(0))),
+                             nnx.Param)[0]
+        sample = jax_sampler(graphdef, schedule, grids.trailing(args.nfe, schedule))
+        x_T = jax.random.normal(jax.random.key(2), (args.sample_batch, H, H, C))
+        sample_once = functools.partial(lambda s, x: jax.block_until_ready(s(params, x)),
+                                        sample, x_T)
+        fns = {
+            f"sample ({args.nfe} NFE)": (sample_once, args.sample_batch),
+            "train step": (jax_train_step(graphdef, params, schedule, args.train_batch, H, C),
+                           args.train_batch),
+        }
+        for phase, (fn, batch) in fns.items():
+            first, err = _first_call(fn)
+            sec = interleaved({ALONE: fn}, args.repeats, args.min_time)[ALONE]
+            rows.append(dict(phase=phase, dtype=dtype, framework=ALONE, batch=batch,
+                             first_call_s=first, error=err, seconds=sec,
+                             images_per_s=batch / sec))
+    return rows
+
+
+def run_alone(args) -> list[dict]:
+    """:func:`jax_alone_rows` in a fresh interpreter (torch never imported there)."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "alone.json")
+        cmd = [sys.executable, "-m", "experiments.bench_vs_torch", "--jax-alone-json", out,
+               "--preset", args.preset, "--dtype", args.dtype, "--nfe", str(args.nfe),
+               "--sample-batch", str(args.sample_batch), "--train-batch", str(args.train_batch),
+               "--repeats", str(args.repeats), "--min-time", str(args.min_time)]
+        print("[A] the JAX side again, in its own process (no torch loaded) ...")
+        subprocess.run(cmd, check=True)
+        with open(out) as f:
+            return json.load(f)
 
 
 def section_a(args, ts_side: TorchSide) -> dict:
@@ -494,6 +552,19 @@ def section_a(args, ts_side: TorchSide) -> dict:
     rows = []
     for dtype in dict.fromkeys(("float32", args.dtype)):
         rows += time_section_a(args, ts_side, dtype, params, tmodel, schedule)
+    if args.alone:
+        for row in run_alone(args):
+            torch_row = next((r for r in rows if r["phase"] == row["phase"] and r["dtype"]
+                              == row["dtype"] and r["framework"] == "torch eager"), None)
+            if torch_row is not None and torch_row.get("images_per_s"):
+                row["project_over_torch"] = row["images_per_s"] / torch_row["images_per_s"]
+            flop = (args.nfe if row["phase"].startswith("sample") else 3) * flops_per_image(cfg32)
+            row["tflops"] = flop * row["images_per_s"] / 1e12
+            if args.peak_tflops:
+                row["fraction_of_peak"] = row["tflops"] / args.peak_tflops
+            at = max(i for i, r in enumerate(rows)
+                     if r["phase"] == row["phase"] and r["dtype"] == row["dtype"])
+            rows.insert(at + 1, row)
     return dict(check=check, forward_gflop_per_image=flops_per_image(cfg32) / 1e9,
                 rows=rows, diffusers_config=diffusers_unet_kwargs(cfg32),
                 group_norms_changed=groups_changed)
@@ -793,10 +864,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="largest max |difference| of the two frameworks' outputs, relative to "
                         "max(1, max |output|)")
     p.add_argument("--sections", default="ab", help="'a', 'b' or 'ab'")
+    p.add_argument("--no-alone", dest="alone", action="store_false",
+                   help="skip section A's JAX rows timed again in a process without torch")
+    p.add_argument("--jax-alone-json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default="runs/bench_vs_torch")
     args = p.parse_args(argv)
     if args.repeats < 1 or not set(args.sections) <= {"a", "b"} or not args.sections:
         p.error("--repeats must be >= 1 and --sections one of 'a', 'b', 'ab'")
+    if args.jax_alone_json:  # the child of run_alone: JAX only, torch never imported
+        _io.write_json(args.jax_alone_json, jax_alone_rows(args))
+        return {}
     r = run(args)
     print_tables(r)
     path = os.path.join(args.out, f"bench_vs_torch_{args.preset}_{args.dtype}_"
