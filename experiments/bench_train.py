@@ -9,9 +9,9 @@ images/s of DPM-Solver++(2M) at ``--nfe`` evaluations, jitted whole. FLOPs per i
 XLA's cost analysis of the forward pass compiled for the CPU (the GPU backend under-counts
 convolutions); a training step is counted as 3x the forward. Compile time (the first call,
 compile included) and throughput are also reported for a progressive-distillation step of the
-same U-Net (student and teacher; three forwards and one backward per example), the distillation
-step whose program is the largest of the papers' (a run of any paper logs each of its compiled
-steps' time in ``metrics.jsonl``, ``compile_s``). Prints a table, writes JSON.
+same U-Net (student and teacher; three forwards and one backward per example) and for a latent
+consistency distillation step (teacher DDIM step, EMA target; a run of any paper logs each of
+its compiled steps' time in ``metrics.jsonl``, ``compile_s``). Prints a table, writes JSON.
 ``--fast-compile`` turns XLA's backend optimisations off (minutes less compiling on a CPU, for
 smoke runs; the FLOP counts are unchanged, the throughputs are then not representative).
 ``--per-leaf`` adds the same train step with the optimizer's moments kept per parameter leaf
@@ -135,22 +135,30 @@ def run(args) -> dict:
     train_compile, train_s, train_lines = train_bench(True)
     per_leaf = train_bench(False) if args.per_leaf else None
 
-    def distill_bench() -> tuple[float, float]:
-        """(compile s, s per step) of a progressive-distillation step (Salimans & Ho): the
-        same U-Net as student (x0 prediction) and as teacher (an extra, replicated argument),
-        two teacher DDIM steps per example inside the loss; the round's student step count is
-        a traced argument, so this one program serves every halving round."""
-        make = lambda p: dpm.network_denoiser(Partial(apply, p), schedule, "x0")  # noqa: E731
-        pd_loss = dpm.losses.progressive_distillation_loss(make)
+    def distill_bench(kind: str) -> tuple[float, float]:
+        """(compile s, s per step) of a distillation step with the same U-Net as student and as
+        teacher (an extra, replicated argument). ``"pd"``: progressive distillation (Salimans &
+        Ho; x0 student, two teacher DDIM steps per example inside the loss; the round's
+        student step count a traced argument, so one program serves every halving round).
+        ``"lcd"``: latent consistency distillation (one teacher DDIM step on the skipping grid,
+        the EMA as the target network, pseudo-Huber distance)."""
         opt = make_optimizer(1e-4, total_steps=10_000, warmup_steps=10)
-        step = jit_train_step(make_train_step(pd_loss, opt, ema_decay=0.0), mesh,
-                              compiler_options=opts)
+        if kind == "pd":
+            make = lambda p: dpm.network_denoiser(Partial(apply, p), schedule, "x0")  # noqa: E731
+            loss = dpm.losses.progressive_distillation_loss(make)
+            train_step = make_train_step(loss, opt, ema_decay=0.0)
+            extra = (p_rep, jnp.asarray(4, jnp.int32))
+        else:
+            eps = lambda p: dpm.network_denoiser(Partial(apply, p), schedule, "eps")  # noqa: E731
+            loss = dpm.losses.lcd_loss(lambda p, cond, w: eps(p), lambda p, cond: eps(p))
+            train_step = make_train_step(loss, opt, ema_decay=0.95, target_from_ema=True)
+            extra = (p_rep,)
+        step = jit_train_step(train_step, mesh, compiler_options=opts)
         holder = {"state": replicate(init_train_state(jax.tree.map(jnp.copy, params), opt,
                                                       jax.random.key(0)), mesh)}
-        n = jnp.asarray(4, jnp.int32)
 
         def once():
-            holder["state"], m = step(holder["state"], batch, p_rep, n)
+            holder["state"], m = step(holder["state"], batch, *extra)
             return m["loss"]
 
         t0 = time.perf_counter()
@@ -158,7 +166,8 @@ def run(args) -> dict:
         return time.perf_counter() - t0, _timeit(once, args.iters)
 
     apply = lambda p, x, c_noise, cond: nnx.merge(graphdef, p)(x, c_noise, cond)
-    distill_compile, distill_s = distill_bench()
+    distill_compile, distill_s = distill_bench("pd")
+    lcd_compile, lcd_s = distill_bench("lcd")
 
     ts = uniform_time(args.nfe, schedule, t_end=0.0)
 
@@ -190,6 +199,8 @@ def run(args) -> dict:
         "train_hlo_lines": train_lines,
         "distill_compile_s": distill_compile,
         "distill_images_per_s": args.train_batch / distill_s,
+        "lcd_compile_s": lcd_compile,
+        "lcd_images_per_s": args.train_batch / lcd_s,
         "train_tflops": 3 * flops * train_ips / 1e12,
         "sample_tflops": flops * args.nfe * sample_ips / 1e12,
     }
@@ -219,6 +230,8 @@ def print_table(r: dict) -> None:
                   "-" if frac is None else f"{frac:.3f}", f"{r[f'{ph}_compile_s']:.1f}")
     t.add_row("distill (PD)", str(r["train_batch"]),
               f"{r['distill_images_per_s']:.1f}", "-", "-", f"{r['distill_compile_s']:.1f}")
+    t.add_row("distill (LCD)", str(r["train_batch"]),
+              f"{r['lcd_images_per_s']:.1f}", "-", "-", f"{r['lcd_compile_s']:.1f}")
     if "per_leaf_train_compile_s" in r:
         t.add_row("train, per-leaf optimizer", str(r["train_batch"]),
                   f"{r['per_leaf_train_images_per_s']:.1f}", "-", "-",

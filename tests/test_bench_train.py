@@ -19,6 +19,7 @@ def test_bench_train_smoke(tmp_path):
     assert 0 < r["train_hlo_lines"] < r["per_leaf_train_hlo_lines"]
     assert r["per_leaf_train_images_per_s"] > 0 and r["per_leaf_train_compile_s"] > 0
     assert r["distill_images_per_s"] > 0 and r["distill_compile_s"] > 0
+    assert r["lcd_images_per_s"] > 0 and r["lcd_compile_s"] > 0
     files = os.listdir(tmp_path)
     assert len(files) == 1
     with open(tmp_path / files[0]) as f:
