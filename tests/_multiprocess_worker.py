@@ -60,6 +60,7 @@ def main() -> None:
 
     import dpm
     import nets
+    import solvers
     from dpm.data import BatchIterator, toy_2d
     from dpm.training import (
         Checkpointer,
@@ -103,7 +104,17 @@ def main() -> None:
             global_x0 = multihost_utils.process_allgather(batch["x"], tiled=True)
         state, _ = step(state, batch)
 
+    # sampling with the trained denoiser passed to the jitted sampler as an argument (its
+    # schedule's cached device leaves are process-local arrays) on a batch sharded over both
+    # processes: the program spans all devices
+    den = make_den(state.ema_params)
+    x_T = shard_batch(np.asarray(global_x0)[it.local_batch_size * args.process_id:][
+        :it.local_batch_size], mesh)
+    ts = solvers.grids.uniform_time(4, schedule, t_end=0.0)
+    sample = multihost_utils.process_allgather(jax.jit(solvers.ddim)(den, x_T, ts), tiled=True)
+
     out = {
+        "sample": np.asarray(sample),
         "ids": np.stack(ids),
         "global_x0": np.asarray(global_x0),
         "params_0": params_0,

@@ -110,6 +110,9 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_array_equal(p0[name], p1[name])
         np.testing.assert_allclose(p0[name], ref[name], rtol=1e-6, atol=1e-7, err_msg=name)
     assert int(p0["step"]) == int(ref["step"]) == STEPS
+    # a sampler jitted over all devices of both processes, the denoiser an argument
+    np.testing.assert_array_equal(p0["sample"], p1["sample"])
+    np.testing.assert_allclose(p0["sample"], ref["sample"], rtol=1e-5, atol=1e-5)
 
     # checkpoint: every leaf of the state restored (in a new Checkpointer) as saved
     n_leaves = sum(k.startswith("saved_") for k in p0)
