@@ -73,6 +73,7 @@ def main() -> None:
         process_batch_size,
         replicate,
         shard_batch,
+        shard_state,
     )
 
     assert jax.process_count() == args.num_processes, jax.process_count()
@@ -95,7 +96,7 @@ def main() -> None:
     step = jit_train_step(make_train_step(loss, optimizer, ema_decay=0.9), mesh,
                           compiler_options=fast_compile_options())
 
-    ids, global_x0 = [], None
+    ids, global_x0, rep_or_fsdp = [], None, {}
     for i in range(STEPS):
         local = next(it)
         ids.append(local["id"])
@@ -103,6 +104,26 @@ def main() -> None:
         if i == 0:  # the global batch as the train step sees it
             global_x0 = multihost_utils.process_allgather(batch["x"], tiled=True)
         state, _ = step(state, batch)
+
+    # FSDP across processes: a wider MLP (layers of 64 x 64 > FSDP_MIN_SIZE elements) trained
+    # on the same batches with its state split over all 4 devices ("fsdp" = 4: each process
+    # holds half of every large leaf), and replicated
+    graphdef64, params64 = nets.init_params(nets.MLP, 2, 64, 1, seed=1)
+    make64 = lambda p: dpm.network_denoiser(Partial(apply, graphdef64, p), schedule, "eps")
+    loss64 = dpm.denoising_loss(make64, weighting="eps", time_sampler="uniform", t_min=1e-3)
+    opt64 = make_optimizer(1e-2, total_steps=STEPS, flatten=False)  # per-leaf moments
+    for name, mesh64 in (("rep64", make_mesh()), ("fsdp64", make_mesh(fsdp=4))):
+        fresh = jax.tree.map(np.array, params64)  # the step donates its state: a copy per run
+        st = shard_state(init_train_state(fresh, opt64, jax.random.key(0)), mesh64)
+        step64 = jit_train_step(make_train_step(loss64, opt64, ema_decay=0.9), mesh64,
+                                compiler_options=fast_compile_options())
+        it64 = BatchIterator(data, GLOBAL_BATCH, seed=0)
+        for _ in range(STEPS):
+            st, _ = step64(st, shard_batch({"x": next(it64)["x"]}, mesh64))
+        if name == "fsdp64":
+            assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(st.params))
+        whole = multihost_utils.process_allgather(st.params, tiled=True)  # sharded leaves too
+        rep_or_fsdp[name] = np.asarray(ravel_pytree(whole)[0])
 
     # sampling with the trained denoiser passed to the jitted sampler as an argument (its
     # schedule's cached device leaves are process-local arrays) on a batch sharded over both
@@ -115,6 +136,7 @@ def main() -> None:
 
     out = {
         "sample": np.asarray(sample),
+        **rep_or_fsdp,
         "ids": np.stack(ids),
         "global_x0": np.asarray(global_x0),
         "params_0": params_0,
