@@ -33,6 +33,10 @@ reports both parameter counts, the largest difference of one forward pass and of
   torch gets ``cudnn.benchmark = True``; its float32 keeps torch's defaults (cuDNN convolutions
   may use TF32), JAX its default precision; both settings are recorded in the JSON.
 
+Section A's JAX rows are then timed once more in a fresh interpreter that never imports torch
+("project (JAX), own process"; ``--no-alone`` skips it): in one process the two frameworks'
+CPU thread pools share the cores.
+
 Both are timed in float32, and with ``--dtype bfloat16`` in bfloat16 as well: the project's
 U-Net computes in bfloat16 with float32 parameters and GroupNorm statistics; torch runs the
 same mixed precision with ``torch.autocast`` (float32 parameters, bfloat16 convolutions and
