@@ -225,18 +225,25 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     other processes' devices: such leaves go through host memory (a key through its key data).
     """
     sharding = replicated(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
+    return _place(tree, jax.tree.map(lambda _: sharding, tree))
 
-    def put(x):
+
+def _place(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)``, which on several processes refuses typed PRNG keys
+    and arrays committed to a local device for a sharding that spans other processes' devices:
+    there such leaves go through host memory (a key through its key data)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x, sharding):
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+            return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
                                             impl=jax.random.key_impl(x))
         if isinstance(x, jax.Array) and x.is_fully_addressable:
             x = np.asarray(x)
         return jax.device_put(x, sharding)
 
-    return jax.tree.map(put, tree)
+    return jax.tree.map(put, tree, shardings)
 
 
 def fsdp_sharding(
@@ -329,19 +336,7 @@ def shard_state(state: Any, mesh: Mesh) -> Any:
     """
     if fsdp_size(mesh) == 1:
         return replicate(state, mesh)
-    shardings = state_shardings(state, mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(state, shardings)
-
-    def put(x, sharding):  # as in replicate: through host memory for another process's devices
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
-                                            impl=jax.random.key_impl(x))
-        if isinstance(x, jax.Array) and x.is_fully_addressable:
-            x = np.asarray(x)
-        return jax.device_put(x, sharding)
-
-    return jax.tree.map(put, state, shardings)
+    return _place(state, state_shardings(state, mesh))
 
 
 def _multi_process_hint() -> str | None:
