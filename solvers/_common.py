@@ -108,11 +108,9 @@ def _raise_grid_problem(a, *, name: str, method: str) -> None:
         raise ValueError(f"{method}: {problem}")
 
 
-def check_grid(
-    ts: Array, *, min_steps: int = 1, method: str = "sampler", name: str = "ts"
-) -> Array:
+def check_grid(ts: Array, *, min_steps: int = 1, method: str = "sampler", name: str = "ts") -> None:
     """Validates a time grid: 1-D, at least ``min_steps + 1`` points, finite, inside ``[0, 1]``,
-    strictly decreasing; returns ``ts``.
+    strictly decreasing.
 
     The shape is checked at trace time. Values are checked at once when ``ts`` is concrete. A
     traced ``ts`` (``jax.jit`` / ``vmap`` / ``grad`` over the grid) is checked when the program
@@ -141,11 +139,10 @@ def check_grid(
         a = jax.lax.stop_gradient(ts)
         ok = jnp.all(jnp.isfinite(a)) & jnp.all((a >= 0) & (a <= 1)) & jnp.all(jnp.diff(a) < 0)
         jax.lax.cond(ok, lambda a: None, lambda a: jax.debug.callback(check, a), a)
-        return ts
+        return
     problem = _grid_problem(np.asarray(ts), name)
     if problem is not None:
         raise ValueError(problem)
-    return ts
 
 
 def require_key(key: Array | None, method: str) -> Array:
@@ -258,7 +255,7 @@ def prepare(
     check_denoiser(denoiser)
     check_x(x, x_name)
     check_flag(return_trajectory, "return_trajectory", sampler)
-    ts = check_grid(ts, min_steps=min_steps, method=label or sampler)
+    check_grid(ts, min_steps=min_steps, method=label or sampler)
     dt = work_dtype(x, ts)
     gc = grid_coeffs(denoiser.schedule, jnp.asarray(ts, dt))
     return Prepared(x.astype(dt), gc, gc.t.shape[0] - 1, dt)

@@ -102,7 +102,7 @@ def ddgan(
     """
     check_x(x_T)
     check_flag(return_trajectory, "return_trajectory", "ddgan")
-    ts = check_grid(ts, method="ddgan")
+    check_grid(ts, method="ddgan")
     key = require_key(key, "ddgan")
     latent_shape = _latent_shape(latent_shape)
     dt = work_dtype(x_T, ts)
